@@ -11,6 +11,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("DRIFTLOOP_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The code under test reads DRIFTLOOP_DATA itself; point it at the same folder
+# so no test ever tries to download CLINC150.
+os.environ.setdefault("DRIFTLOOP_DATA", str(DATA_ROOT))
 
 
 def build_tiny_bert(target: Path) -> Path:

@@ -1,0 +1,34 @@
+# `make demo` and `make test` work from a fresh clone: each creates .venv when
+# it is missing, installing torch 2.13.0 (CPU wheel) first, then the project.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DRIFTLOOP_DATA ?= $(abspath ../shared/data)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo demo-quick test test-fast install clean
+
+$(BIN)/driftloop: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(BIN)/driftloop
+
+demo: install
+	$(BIN)/driftloop demo --config config/demo.yaml
+
+demo-quick: install
+	$(BIN)/driftloop demo --config config/demo.yaml --quick
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf state

@@ -1,0 +1,186 @@
+"""HTTP surface of the monitor sidecar (FastAPI)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from monitor.config import AuthConfig
+from monitor.daemon import MonitorDaemon
+from monitor.errors import DriftloopError
+from monitor.ingest import BatchError
+from retrain.jobs import approve_run, reject_run
+
+logger = logging.getLogger(__name__)
+
+
+def load_token(auth: AuthConfig) -> str | None:
+    """Read the API token from the environment, else from the token file; never from the config."""
+    token = os.environ.get(auth.token_env)
+    if token:
+        return token.strip()
+    if auth.token_file:
+        path = Path(auth.token_file)
+        if path.is_file():
+            return path.read_text().strip() or None
+        logger.warning("auth.token_file %s not found; write endpoints stay closed", path)
+    return None
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BatchError("body", raw[:80].decode("utf-8", "replace"), f"invalid JSON: {exc}") from None
+
+
+def create_app(daemon: MonitorDaemon) -> FastAPI:
+    app = FastAPI(title="driftloop monitor", version="0.1.0")
+    token = load_token(daemon.config.auth)
+    if token is None:
+        logger.warning("no API token configured (set %s); approve, reject and rollback over HTTP are disabled",
+                       daemon.config.auth.token_env)
+
+    def authorize(request: Request) -> JSONResponse | None:
+        if token is None:
+            return JSONResponse({"error": f"no API token configured on the monitor; set {daemon.config.auth.token_env}"},
+                                status_code=403)
+        header = request.headers.get("authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+            return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    @app.exception_handler(BatchError)
+    async def _batch_error(_request: Request, exc: BatchError):
+        status = 400 if exc.field == "body" and str(exc.message).startswith("invalid JSON") else 422
+        return JSONResponse({"error": str(exc), **exc.to_dict()}, status_code=status)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        if daemon.ready:
+            return {"status": "ready", "active_version": daemon.active_name}
+        return JSONResponse({"status": "starting" if daemon.startup_error is None else "failed",
+                             "error": daemon.startup_error}, status_code=503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(daemon.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def not_ready() -> JSONResponse:
+        return JSONResponse({"error": "monitor is not ready yet", "startup_error": daemon.startup_error}, status_code=503)
+
+    @app.post("/v1/events")
+    async def post_events(request: Request):
+        if not daemon.ready:
+            return not_ready()
+        body = await _json_body(request)
+        result = daemon.ingest_events(body)
+        duplicates = getattr(result, "duplicates", [])
+        payload = {
+            "accepted": len(result.valid) - len(duplicates),
+            "duplicates": len(duplicates),
+            "rejected": [error.to_dict() for error in result.errors],
+        }
+        return JSONResponse(payload, status_code=422 if result.errors else 200)
+
+    @app.post("/v1/labels")
+    async def post_labels(request: Request):
+        if not daemon.ready:
+            return not_ready()
+        body = await _json_body(request)
+        accepted, errors = daemon.ingest_labels(body)
+        payload = {"accepted": accepted, "rejected": [error.to_dict() for error in errors]}
+        return JSONResponse(payload, status_code=422 if errors else 200)
+
+    @app.get("/v1/status")
+    def status():
+        return daemon.status()
+
+    @app.get("/v1/windows")
+    def windows(limit: int = 50):
+        return {"windows": daemon.store.windows(limit=min(max(limit, 1), 1000))}
+
+    @app.get("/v1/retrains")
+    def runs(limit: int = 50):
+        return {"runs": daemon.store.runs(limit=min(max(limit, 1), 1000))}
+
+    @app.get("/v1/retrains/{run_id}")
+    def run(run_id: str):
+        found = daemon.store.get_run(run_id)
+        if found is None:
+            return JSONResponse({"error": f"retrain run {run_id!r} not found"}, status_code=404)
+        return found
+
+    @app.get("/v1/audit")
+    def audit(since: int = 0, limit: int = 200):
+        return {"entries": daemon.store.audit_log(since_id=since, limit=min(max(limit, 1), 1000))}
+
+    @app.get("/v1/versions")
+    def versions():
+        active = daemon.registry.active()
+        return {"active": active.name if active else None,
+                "versions": [version.to_dict() for version in daemon.registry.versions()]}
+
+    async def _decision_body(request: Request) -> dict:
+        raw = await request.body()
+        if not raw:
+            return {}
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise BatchError("body", type(body).__name__, "expected a JSON object")
+        return body
+
+    @app.post("/v1/retrains/{run_id}/approve")
+    async def approve(run_id: str, request: Request):
+        denied = authorize(request)
+        if denied:
+            return denied
+        body = await _decision_body(request)
+        actor = str(body.get("by") or "api")
+        try:
+            approve_run(daemon.store, run_id, actor=actor, comment=str(body.get("comment", "")))
+            version = daemon.promote(run_id, actor=actor)
+        except DriftloopError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return {"run_id": run_id, "state": "active", "version": version}
+
+    @app.post("/v1/retrains/{run_id}/reject")
+    async def reject(run_id: str, request: Request):
+        denied = authorize(request)
+        if denied:
+            return denied
+        body = await _decision_body(request)
+        try:
+            run = reject_run(daemon.store, run_id, actor=str(body.get("by") or "api"), comment=str(body.get("comment", "")))
+        except DriftloopError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return run
+
+    @app.post("/v1/rollback")
+    async def rollback(request: Request):
+        denied = authorize(request)
+        if denied:
+            return denied
+        body = await _decision_body(request)
+        try:
+            previous, target = daemon.rollback(body.get("to"), actor=str(body.get("by") or "api"),
+                                               reason=str(body.get("comment", "")))
+        except DriftloopError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return {"from": previous, "to": target}
+
+    return app

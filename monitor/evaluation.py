@@ -1,0 +1,230 @@
+"""Evaluation of one monitoring window: featurise the sample once and run every enabled detector."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from monitor.detectors.base import (
+    STATUS_INSUFFICIENT,
+    STATUS_OK,
+    DriftResult,
+    WindowFeatures,
+    insufficient_result,
+    to_json_value,
+    validate_alpha,
+    validate_min_samples,
+)
+from monitor.detectors.confidence import ConfidenceDetector
+from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
+from monitor.detectors.token_length import TokenLengthDetector
+from monitor.detectors.vocabulary import VocabularyDetector
+from monitor.embedding import Embedder
+from monitor.errors import ConfigError
+from monitor.reference import ReferenceProfile, tokenize_counts
+from monitor.sampling import WindowSampler
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
+# Signals decided by a p-value. The Bonferroni correction divides alpha among these.
+P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding")
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """Drift verdict of one window.
+
+    ``n_events`` counts every observation in the window and ``n_sampled`` those in
+    the reservoir sample that the detectors tested. ``mean_confidence`` and the
+    latency quantiles cover all events. ``started_at`` and ``ended_at`` are Unix
+    seconds of the first and last event, or of the evaluation for an empty window.
+    """
+
+    window_id: str
+    n_events: int
+    n_sampled: int
+    results: list[DriftResult]
+    drifted: bool
+    drifted_signals: list[str]
+    mean_confidence: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    started_at: float
+    ended_at: float
+    status: str
+
+    def to_dict(self) -> dict:
+        """Return the report as a JSON-serialisable dict, with nan as None."""
+        return {
+            "window_id": self.window_id,
+            "n_events": int(self.n_events),
+            "n_sampled": int(self.n_sampled),
+            "results": [result.to_dict() for result in self.results],
+            "drifted": bool(self.drifted),
+            "drifted_signals": list(self.drifted_signals),
+            "mean_confidence": to_json_value(self.mean_confidence),
+            "latency_p50_ms": to_json_value(self.latency_p50_ms),
+            "latency_p99_ms": to_json_value(self.latency_p99_ms),
+            "started_at": float(self.started_at),
+            "ended_at": float(self.ended_at),
+            "status": self.status,
+        }
+
+
+class WindowEvaluator:
+    """Runs the enabled drift detectors of one reference profile on window samples.
+
+    The p-value signals (token length, vocabulary, embedding) share the family-wise
+    level ``alpha`` by the Bonferroni correction. Each one drifts when its p-value
+    is below ``alpha / k``, with k the number of enabled p-value signals. That
+    adjusted level is each result's ``threshold``. The confidence signal
+    uses its effect threshold ``confidence_max_drop``. A window drifts when any
+    signal drifts.
+
+    ``vocabulary_null_windows`` and ``mmd_permutations`` are raised, with a logged
+    warning, to at least ``ceil(2 / (alpha / k))``, because a resampling p-value
+    cannot fall below ``1 / (B + 1)``. The defaults (alpha 0.01, k = 3) need 600.
+    """
+
+    def __init__(
+        self,
+        profile: ReferenceProfile,
+        tokenizer,
+        embedder: Embedder,
+        *,
+        alpha: float = 0.01,
+        min_samples: int = 30,
+        vocabulary_null_windows: int = 200,
+        new_token_min_count: int = 3,
+        mmd_permutations: int = 200,
+        mmd_reference_sample: int = 500,
+        confidence_max_drop: float = 0.1,
+        low_confidence_threshold: float = 0.5,
+        enabled_signals: tuple[str, ...] = SIGNALS,
+        seed: int = 0,
+    ):
+        enabled = tuple(enabled_signals)
+        unknown = [name for name in enabled if name not in SIGNALS]
+        if unknown or not enabled:
+            raise ConfigError(
+                f"enabled_signals must be a non-empty subset of {list(SIGNALS)}, got {list(enabled_signals)}"
+            )
+        self.profile = profile
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.alpha = validate_alpha(alpha)
+        self.min_samples = validate_min_samples(min_samples)
+        self.enabled_signals = tuple(name for name in SIGNALS if name in enabled)
+        n_p_value_signals = sum(name in P_VALUE_SIGNALS for name in self.enabled_signals)
+        self.adjusted_alpha = self.alpha / max(n_p_value_signals, 1)
+        self.vocabulary_null_windows = self._enough_resamples("vocabulary_null_windows", vocabulary_null_windows)
+        self.mmd_permutations = self._enough_resamples("mmd_permutations", mmd_permutations)
+
+        # Separate seeds per detector keep their random streams independent.
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        factories = {
+            "token_length": lambda: TokenLengthDetector(alpha=self.adjusted_alpha, min_samples=min_samples),
+            "vocabulary": lambda: VocabularyDetector(
+                alpha=self.adjusted_alpha,
+                null_windows=self.vocabulary_null_windows,
+                new_token_min_count=new_token_min_count,
+                min_samples=min_samples,
+                seed=int(seeds[0].generate_state(1)[0]),
+                tokenizer=tokenizer,
+            ),
+            "embedding": lambda: EmbeddingMMDDetector(
+                alpha=self.adjusted_alpha,
+                permutations=self.mmd_permutations,
+                reference_sample=mmd_reference_sample,
+                min_samples=min_samples,
+                seed=int(seeds[1].generate_state(1)[0]),
+            ),
+            "confidence": lambda: ConfidenceDetector(
+                max_drop=confidence_max_drop,
+                low_confidence_threshold=low_confidence_threshold,
+                min_samples=min_samples,
+            ),
+        }
+        self.detectors = {name: factories[name]().fit(profile) for name in self.enabled_signals}
+
+    def _enough_resamples(self, name: str, requested: int) -> int:
+        """Return ``requested``, or ``ceil(2 / adjusted_alpha)`` resamples when that is larger.
+
+        A resampling p-value is at least 1 / (B + 1). With alpha = 0.01 split over three
+        signals and B = 200 that minimum (0.005) exceeds 0.0033, and the test could
+        never flag drift. The raised count puts the minimum below half the adjusted alpha.
+        """
+        # The 1e-9 stops rounding error in an exact quotient such as 600 from raising it to 601.
+        needed = math.ceil(2.0 / self.adjusted_alpha - 1e-9)
+        if not isinstance(requested, int) or requested >= needed:
+            return requested
+        logger.warning(
+            "raising %s from %d to %d: with B resamples the smallest p-value is 1/(B+1), "
+            "which must be below the Bonferroni-adjusted alpha %.3g",
+            name,
+            requested,
+            needed,
+            self.adjusted_alpha,
+        )
+        return needed
+
+    def featurise(self, sampler: WindowSampler) -> WindowFeatures:
+        """Tokenize, embed and collect confidences of the sampler's sample once for all detectors."""
+        sample = list(sampler.sample)
+        texts = [obs.text for obs in sample]
+        token_counts, token_ids = tokenize_counts(self.tokenizer, texts)
+        if "embedding" in self.detectors:
+            embeddings = self.embedder.encode(texts)
+        else:
+            embeddings = np.zeros((len(texts), 0), dtype=np.float32)
+        return WindowFeatures(
+            token_counts=token_counts,
+            token_ids=token_ids,
+            embeddings=embeddings,
+            confidences=np.array([obs.confidence for obs in sample], dtype=np.float64),
+            predicted_labels=[obs.predicted_label for obs in sample],
+            n_total=sampler.count,
+        )
+
+    def evaluate(self, window_id: str, sampler: WindowSampler) -> WindowReport:
+        """Test the sampler's sample against the reference and return the window report."""
+        n_sampled = len(sampler.sample)
+        if n_sampled < self.min_samples:
+            # Every detector would return insufficient_data, so the tokenizer and embedder are skipped.
+            results = [
+                insufficient_result(name, n_sampled, self.min_samples, self._threshold(name))
+                for name in self.enabled_signals
+            ]
+        else:
+            window = self.featurise(sampler)
+            results = [self.detectors[name].test(window) for name in self.enabled_signals]
+
+        drifted_signals = [result.signal for result in results if result.drifted]
+        # In a full window a signal may still report insufficient_data (texts without tokens), and the others still count.
+        status = STATUS_INSUFFICIENT if n_sampled < self.min_samples else STATUS_OK
+        quantiles = sampler.latency_quantiles()
+        now = time.time()
+        return WindowReport(
+            window_id=str(window_id),
+            n_events=sampler.count,
+            n_sampled=n_sampled,
+            results=results,
+            drifted=bool(drifted_signals),
+            drifted_signals=drifted_signals,
+            mean_confidence=sampler.mean_confidence,
+            latency_p50_ms=quantiles["p50"],
+            latency_p99_ms=quantiles["p99"],
+            started_at=sampler.started_at if sampler.started_at is not None else now,
+            ended_at=sampler.last_at if sampler.last_at is not None else now,
+            status=status,
+        )
+
+    def _threshold(self, name: str) -> float:
+        if name == "confidence":
+            return self.detectors[name].max_drop
+        return self.adjusted_alpha

@@ -1,0 +1,213 @@
+"""Validation of prediction events and delayed labels posted to the daemon.
+
+Each item in a batch is checked on its own: invalid items are rejected with the
+field, the value and the reason, and the valid ones in the same batch are
+stored. Event ids are deduplicated, so resending a whole batch is safe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+MAX_ID_CHARS = 128
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+@dataclass
+class ItemError:
+    index: int
+    field: str
+    value: Any
+    error: str
+    id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        value = self.value
+        if isinstance(value, str) and len(value) > 80:
+            value = value[:77] + "..."
+        elif isinstance(value, list) and len(value) > 8:
+            value = f"list of {len(value)} items"
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        return {"index": self.index, "id": self.id, "field": self.field, "value": value, "error": self.error}
+
+
+@dataclass
+class BatchResult:
+    valid: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+
+class BatchError(ValueError):
+    """The request as a whole is unusable (not an object, no list, too many items)."""
+
+    def __init__(self, field_name: str, value: Any, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.value = value
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "value": self.value, "error": self.message}
+
+
+def _items(body: Any, key: str, max_items: int) -> list[Any]:
+    if not isinstance(body, dict):
+        raise BatchError("body", type(body).__name__, f"expected a JSON object with a {key!r} list")
+    if key not in body:
+        raise BatchError(key, None, f"missing field {key!r}")
+    items = body[key]
+    if not isinstance(items, list):
+        raise BatchError(key, type(items).__name__, "must be a list")
+    if not items:
+        raise BatchError(key, 0, "must contain at least one item")
+    if len(items) > max_items:
+        raise BatchError(key, len(items), f"{len(items)} items, at most {max_items} allowed per request")
+    return items
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_timestamp(value: Any) -> float:
+    if value is None:
+        return time.time()
+    if _finite_number(value):
+        if value < 0:
+            raise ValueError("must be unix seconds >= 0 or an ISO 8601 string")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise ValueError("not an ISO 8601 date-time") from None
+    raise ValueError("must be unix seconds or an ISO 8601 string")
+
+
+def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_text_chars: int) -> dict[str, Any]:
+    """Return the stored row for one event or raise (field, value, message) via ValueError args."""
+    if not isinstance(item, dict):
+        raise _Invalid("", type(item).__name__, "expected a JSON object")
+
+    event_id = item.get("id")
+    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > MAX_ID_CHARS:
+        raise _Invalid("id", event_id, f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+
+    text = item.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise _Invalid("text", text, "must be a non-empty string")
+    if len(text) > max_text_chars:
+        raise _Invalid("text", f"{len(text)} characters", f"longer than the {max_text_chars}-character limit")
+
+    try:
+        timestamp = _parse_timestamp(item.get("timestamp"))
+    except ValueError as exc:
+        raise _Invalid("timestamp", item.get("timestamp"), str(exc)) from None
+
+    latency = item.get("latency_ms")
+    if latency is not None and (not _finite_number(latency) or latency < 0):
+        raise _Invalid("latency_ms", latency, "must be a finite number >= 0")
+
+    version = item.get("version")
+    if version is not None and not isinstance(version, str):
+        raise _Invalid("version", version, "must be a string")
+
+    label = item.get("label")
+    confidence = item.get("confidence")
+    probabilities = item.get("probabilities")
+    if probabilities is not None:
+        label, confidence = _check_probabilities(probabilities, label, labels)
+    else:
+        if label is None or confidence is None:
+            raise _Invalid("probabilities", None, "give either 'probabilities' or both 'label' and 'confidence'")
+        if not _finite_number(confidence) or not 0.0 <= confidence <= 1.0:
+            raise _Invalid("confidence", confidence, "must be a finite number in [0, 1]")
+    if not isinstance(label, str) or label not in label_index:
+        raise _Invalid("label", label, f"unknown label; the active version has {len(labels)} labels")
+
+    return {
+        "id": event_id,
+        "timestamp": timestamp,
+        "received_at": time.time(),
+        "text": text,
+        "predicted_label": label,
+        "confidence": float(confidence),
+        "latency_ms": float(latency) if latency is not None else None,
+        "version": version,
+    }
+
+
+def _check_probabilities(probabilities: Any, label: Any, labels: list[str]) -> tuple[str, float]:
+    if not isinstance(probabilities, list):
+        raise _Invalid("probabilities", type(probabilities).__name__, "must be a list of numbers")
+    if len(probabilities) != len(labels):
+        raise _Invalid("probabilities", f"{len(probabilities)} values",
+                       f"must have one value per label ({len(labels)}) in the active version's label order")
+    for position, value in enumerate(probabilities):
+        if not _finite_number(value):
+            raise _Invalid(f"probabilities[{position}]", value, "must be a finite number")
+        if not 0.0 <= value <= 1.0:
+            raise _Invalid(f"probabilities[{position}]", value, "must be in [0, 1]")
+    total = math.fsum(probabilities)
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise _Invalid("probabilities", f"sum {total:.6f}", f"must sum to 1 (tolerance {PROBABILITY_SUM_TOLERANCE})")
+    top = max(range(len(probabilities)), key=probabilities.__getitem__)
+    if label is not None and label != labels[top]:
+        raise _Invalid("label", label, f"disagrees with the highest probability, which is for {labels[top]!r}")
+    return labels[top], float(probabilities[top])
+
+
+class _Invalid(ValueError):
+    def __init__(self, field_name: str, value: Any, message: str):
+        super().__init__(message)
+        self.field = field_name
+        self.value = value
+        self.message = message
+
+
+def validate_events(body: Any, labels: list[str], *, max_items: int, max_text_chars: int) -> BatchResult:
+    items = _items(body, "events", max_items)
+    label_index = {label: index for index, label in enumerate(labels)}
+    result = BatchResult()
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        try:
+            row = _check_event(item, labels, label_index, max_text_chars)
+        except _Invalid as exc:
+            item_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+            path = f"events[{index}].{exc.field}" if exc.field else f"events[{index}]"
+            result.errors.append(ItemError(index, path, exc.value, exc.message, item_id))
+            continue
+        if row["id"] in seen:
+            result.errors.append(ItemError(index, f"events[{index}].id", row["id"], "duplicate id in this batch", row["id"]))
+            continue
+        seen.add(row["id"])
+        result.valid.append(row)
+    return result
+
+
+def validate_labels(body: Any, labels: list[str], *, max_items: int) -> tuple[dict[str, str], list[ItemError]]:
+    """Return ({event id: label}, errors); unknown event ids are checked by the caller."""
+    items = _items(body, "labels", max_items)
+    known = set(labels)
+    valid: dict[str, str] = {}
+    errors: list[ItemError] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            errors.append(ItemError(index, f"labels[{index}]", type(item).__name__, "expected a JSON object"))
+            continue
+        event_id, label = item.get("id"), item.get("label")
+        if not isinstance(event_id, str) or not event_id.strip():
+            errors.append(ItemError(index, f"labels[{index}].id", event_id, "must be a non-empty string"))
+            continue
+        if not isinstance(label, str) or label not in known:
+            errors.append(ItemError(index, f"labels[{index}].label", label,
+                                    f"unknown label; the active version has {len(labels)} labels", event_id))
+            continue
+        valid[event_id] = label
+    return valid, errors

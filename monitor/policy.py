@@ -1,0 +1,65 @@
+"""Turn a stream of window reports into retraining decisions.
+
+A retrain is triggered after ``consecutive_windows`` drifted windows in a row,
+once enough labelled production events exist, outside the cooldown that follows
+the previous run. Windows with insufficient data neither extend nor break a
+streak.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TriggerDecision:
+    action: str  # "none" | "trigger" | "needs_labels" | "busy" | "cooldown"
+    streak: int
+    labelled: int = 0
+    labels_needed: int = 0
+    reason: str = ""
+
+
+class TriggerPolicy:
+    def __init__(self, consecutive_windows: int, min_labels: int, cooldown_s: float):
+        self.consecutive_windows = consecutive_windows
+        self.min_labels = min_labels
+        self.cooldown_s = cooldown_s
+        self.streak = 0
+        self.streak_windows: list[str] = []
+        self.last_run_ended_at: float | None = None
+
+    def reset(self) -> None:
+        self.streak = 0
+        self.streak_windows = []
+
+    def run_ended(self, at: float | None = None) -> None:
+        self.last_run_ended_at = at if at is not None else time.time()
+        self.reset()
+
+    def observe(self, window_id: str, status: str, drifted: bool, *, labelled: int, job_active: bool,
+                now: float | None = None) -> TriggerDecision:
+        if status != "ok":
+            return TriggerDecision("none", self.streak, labelled)
+        if not drifted:
+            self.reset()
+            return TriggerDecision("none", 0, labelled)
+
+        self.streak += 1
+        self.streak_windows.append(window_id)
+        if self.streak < self.consecutive_windows:
+            return TriggerDecision("none", self.streak, labelled)
+        if job_active:
+            return TriggerDecision("busy", self.streak, labelled, reason="a retraining run is already in progress")
+        now = now if now is not None else time.time()
+        if self.last_run_ended_at is not None and now - self.last_run_ended_at < self.cooldown_s:
+            left = self.cooldown_s - (now - self.last_run_ended_at)
+            return TriggerDecision("cooldown", self.streak, labelled, reason=f"cooldown: {left:.0f} s left")
+        if labelled < self.min_labels:
+            needed = self.min_labels - labelled
+            return TriggerDecision(
+                "needs_labels", self.streak, labelled, needed,
+                reason=f"{labelled} labelled production events, {self.min_labels} needed: post {needed} more to /v1/labels",
+            )
+        return TriggerDecision("trigger", self.streak, labelled, reason=f"{self.streak} drifted windows in a row")

@@ -1,0 +1,319 @@
+"""SQLAlchemy tables and the queries the monitor and the retraining side share.
+
+The store holds facts, not decisions: events with their delayed labels, window
+reports, retraining runs, adapter versions with the active pointer, and the
+audit log. SQLite is the default; any SQLAlchemy URL works.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    timestamp: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    text: Mapped[str] = mapped_column(Text)
+    predicted_label: Mapped[str] = mapped_column(String(256))
+    confidence: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    version: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    window_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    true_label: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    labelled_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
+class WindowRow(Base):
+    __tablename__ = "windows"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float] = mapped_column(Float, index=True)
+    evaluated_at: Mapped[float] = mapped_column(Float)
+    n_events: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    drifted: Mapped[bool] = mapped_column(Boolean)
+    report: Mapped[str] = mapped_column(Text)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    base_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    candidate_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    promoted_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    trigger: Mapped[str] = mapped_column(Text, default="{}")
+    training: Mapped[str] = mapped_column(Text, default="{}")
+    canary: Mapped[str] = mapped_column(Text, default="{}")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    adapter_dir: Mapped[str] = mapped_column(Text)
+    parent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("runs.id"), nullable=True)
+    train_data: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ActiveRow(Base):
+    """One row: the registry's active-version pointer."""
+
+    __tablename__ = "active_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), ForeignKey("versions.name"))
+    changed_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    timestamp: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets the server and the CLI read while the daemon writes.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """Session factory plus the queries; safe to share between threads."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Events and labels
+
+    def insert_events(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[str]]:
+        """Insert events; return (inserted count, ids that already existed)."""
+        rows = list(rows)
+        if not rows:
+            return 0, []
+        ids = [row["id"] for row in rows]
+        with self.session() as session:
+            existing = set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
+            fresh = [row for row in rows if row["id"] not in existing]
+            session.add_all(EventRow(**row) for row in fresh)
+        return len(fresh), sorted(existing)
+
+    def known_event_ids(self, ids: list[str]) -> set[str]:
+        with self.session() as session:
+            return set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
+
+    def set_labels(self, labels: dict[str, str]) -> int:
+        now = time.time()
+        with self.session() as session:
+            for event_id, label in labels.items():
+                session.execute(
+                    update(EventRow).where(EventRow.id == event_id).values(true_label=label, labelled_at=now)
+                )
+        return len(labels)
+
+    def count_labelled(self, since: float | None = None) -> int:
+        with self.session() as session:
+            query = select(func.count()).select_from(EventRow).where(EventRow.true_label.is_not(None))
+            if since is not None:
+                query = query.where(EventRow.received_at >= since)
+            return int(session.scalar(query) or 0)
+
+    def labelled_events(self, since: float | None = None) -> list[tuple[str, str, str]]:
+        """Return (event id, text, true label) of labelled events, oldest first."""
+        with self.session() as session:
+            query = select(EventRow.id, EventRow.text, EventRow.true_label).where(EventRow.true_label.is_not(None))
+            if since is not None:
+                query = query.where(EventRow.received_at >= since)
+            return [tuple(row) for row in session.execute(query.order_by(EventRow.received_at))]
+
+    def recent_texts(self, limit: int) -> list[str]:
+        with self.session() as session:
+            query = select(EventRow.text).order_by(EventRow.received_at.desc()).limit(limit)
+            return list(session.scalars(query))
+
+    def window_accuracy(self, window_id: str) -> tuple[int, float | None]:
+        """Return (labelled events, realized accuracy) of one window."""
+        with self.session() as session:
+            rows = session.execute(
+                select(EventRow.predicted_label, EventRow.true_label).where(
+                    EventRow.window_id == window_id, EventRow.true_label.is_not(None)
+                )
+            ).all()
+        if not rows:
+            return 0, None
+        return len(rows), sum(predicted == true for predicted, true in rows) / len(rows)
+
+    def assign_window(self, event_ids: list[str], window_id: str) -> None:
+        with self.session() as session:
+            session.execute(update(EventRow).where(EventRow.id.in_(event_ids)).values(window_id=window_id))
+
+    # Windows
+
+    def insert_window(self, report: dict[str, Any], version: str | None) -> None:
+        with self.session() as session:
+            session.add(
+                WindowRow(
+                    id=report["window_id"],
+                    version=version,
+                    started_at=report["started_at"],
+                    ended_at=report["ended_at"],
+                    evaluated_at=time.time(),
+                    n_events=report["n_events"],
+                    status=report["status"],
+                    drifted=bool(report["drifted"]),
+                    report=json.dumps(report),
+                )
+            )
+
+    def windows(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self.session() as session:
+            rows = session.scalars(select(WindowRow).order_by(WindowRow.ended_at.desc()).limit(limit)).all()
+            return [json.loads(row.report) | {"version": row.version} for row in rows]
+
+    # Runs
+
+    def create_run(self, run_id: str, state: str, base_version: str | None, trigger: dict[str, Any]) -> None:
+        now = time.time()
+        with self.session() as session:
+            session.add(
+                RunRow(
+                    id=run_id,
+                    state=state,
+                    created_at=now,
+                    updated_at=now,
+                    base_version=base_version,
+                    trigger=json.dumps(trigger),
+                )
+            )
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        for key in ("trigger", "training", "canary"):
+            if key in values and not isinstance(values[key], str):
+                values[key] = json.dumps(values[key])
+        values["updated_at"] = time.time()
+        with self.session() as session:
+            session.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self.session() as session:
+            row = session.get(RunRow, run_id)
+            return _run_dict(row) if row else None
+
+    def runs(self, states: Iterable[str] | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        with self.session() as session:
+            query = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+            if states is not None:
+                query = query.where(RunRow.state.in_(list(states)))
+            return [_run_dict(row) for row in session.scalars(query)]
+
+    # Audit
+
+    def audit(self, actor: str, action: str, *, run_id: str | None = None, version: str | None = None,
+              detail: dict[str, Any] | None = None, session: Session | None = None) -> None:
+        row = AuditRow(
+            timestamp=time.time(),
+            actor=actor,
+            action=action,
+            run_id=run_id,
+            version=version,
+            detail=json.dumps(detail or {}),
+        )
+        if session is not None:
+            session.add(row)
+            return
+        with self.session() as own:
+            own.add(row)
+
+    def audit_log(self, since_id: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        with self.session() as session:
+            rows = session.scalars(
+                select(AuditRow).where(AuditRow.id > since_id).order_by(AuditRow.id).limit(limit)
+            ).all()
+            return [
+                {
+                    "id": row.id,
+                    "timestamp": row.timestamp,
+                    "actor": row.actor,
+                    "action": row.action,
+                    "run_id": row.run_id,
+                    "version": row.version,
+                    "detail": json.loads(row.detail),
+                }
+                for row in rows
+            ]
+
+
+def _run_dict(row: RunRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "base_version": row.base_version,
+        "candidate_dir": row.candidate_dir,
+        "promoted_version": row.promoted_version,
+        "trigger": json.loads(row.trigger or "{}"),
+        "training": json.loads(row.training or "{}"),
+        "canary": json.loads(row.canary or "{}"),
+        "error": row.error,
+    }

@@ -1,0 +1,182 @@
+"""Adapter versions and the active-version pointer.
+
+A version is an immutable folder ``<state>/adapters/<name>`` holding the LoRA
+weights, the classifier head, ``labels.json``, ``training.yaml`` and the
+training data (``train.jsonl``) its reference profile is built from. Names are
+``v1``, ``v2``, ... from a counter in the database, so a name is never reused,
+even for a candidate that was later rejected. Promotion and rollback change only
+the pointer, in one transaction together with the audit row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from monitor.errors import RegistryError
+from monitor.store import ActiveRow, AuditRow, Store, VersionRow
+from retrain.datasets import Example
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("adapter_config.json", "labels.json")
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    number: int
+    adapter_dir: Path
+    parent: str | None
+    run_id: str | None
+    created_at: float
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "number": self.number,
+            "adapter_dir": str(self.adapter_dir),
+            "parent": self.parent,
+            "run_id": self.run_id,
+            "created_at": self.created_at,
+        }
+
+
+def _version(row: VersionRow) -> Version:
+    return Version(row.name, row.number, Path(row.adapter_dir), row.parent, row.run_id, row.created_at)
+
+
+def write_train_data(folder: Path, examples: list[Example]) -> Path:
+    path = folder / "train.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for text, label in examples:
+            handle.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+def read_train_data(folder: Path) -> list[Example]:
+    path = folder / "train.jsonl"
+    if not path.is_file():
+        raise RegistryError(f"training data of version folder {folder} not found: {path}")
+    with path.open(encoding="utf-8") as handle:
+        return [(row["text"], row["label"]) for row in map(json.loads, handle) if row]
+
+
+class Registry:
+    def __init__(self, store: Store, state_dir: Path):
+        self.store = store
+        self.adapters_root = Path(state_dir) / "adapters"
+        self.profiles_root = Path(state_dir) / "profiles"
+        self.adapters_root.mkdir(parents=True, exist_ok=True)
+        self.profiles_root.mkdir(parents=True, exist_ok=True)
+
+    def profile_dir(self, name: str) -> Path:
+        return self.profiles_root / name
+
+    def active(self) -> Version | None:
+        with self.store.session() as session:
+            pointer = session.get(ActiveRow, 1)
+            if pointer is None:
+                return None
+            return _version(session.get(VersionRow, pointer.version))
+
+    def active_pair(self) -> tuple[str, str] | None:
+        """Return (name, adapter folder) of the active version, for the model server."""
+        version = self.active()
+        return (version.name, str(version.adapter_dir)) if version else None
+
+    def get(self, name: str) -> Version:
+        with self.store.session() as session:
+            row = session.get(VersionRow, name)
+            if row is None:
+                known = [v.name for v in self.versions()]
+                raise RegistryError(f"version {name!r} not found; known versions: {', '.join(known) or 'none'}")
+            return _version(row)
+
+    def versions(self) -> list[Version]:
+        with self.store.session() as session:
+            return [_version(row) for row in session.scalars(select(VersionRow).order_by(VersionRow.number))]
+
+    def register(self, candidate_dir: Path, *, parent: str | None, run_id: str | None, actor: str) -> Version:
+        """Move a finished candidate folder into the registry under the next version name."""
+        candidate_dir = Path(candidate_dir)
+        missing = [name for name in REQUIRED_FILES if not (candidate_dir / name).is_file()]
+        if missing:
+            raise RegistryError(f"candidate folder {candidate_dir} is incomplete: {missing[0]} not found")
+        with self.store.session() as session:
+            number = int(session.scalar(select(func.max(VersionRow.number))) or 0) + 1
+            name = f"v{number}"
+            target = self.adapters_root / name
+            if target.exists():
+                raise RegistryError(f"version folder {target} already exists; the registry and the folder disagree")
+            # Same filesystem, so the rename is atomic: readers see no folder or a whole one.
+            os.rename(candidate_dir, target)
+            session.add(
+                VersionRow(
+                    name=name,
+                    number=number,
+                    created_at=time.time(),
+                    adapter_dir=str(target.resolve()),
+                    parent=parent,
+                    run_id=run_id,
+                    train_data=str((target / "train.jsonl").resolve()),
+                )
+            )
+            self.store.audit(actor, "version_registered", run_id=run_id, version=name,
+                             detail={"parent": parent}, session=session)
+        logger.info("registered adapter version %s (run %s)", name, run_id)
+        return self.get(name)
+
+    def activate(self, name: str, *, actor: str, action: str = "activate", run_id: str | None = None,
+                 detail: dict | None = None) -> str | None:
+        """Point the registry at ``name``; return the previously active name."""
+        with self.store.session() as session:
+            if session.get(VersionRow, name) is None:
+                raise RegistryError(f"version {name!r} not found")
+            pointer = session.get(ActiveRow, 1)
+            previous = pointer.version if pointer else None
+            if pointer is None:
+                session.add(ActiveRow(id=1, version=name, changed_at=time.time()))
+            else:
+                pointer.version = name
+                pointer.changed_at = time.time()
+            self.store.audit(actor, action, run_id=run_id, version=name,
+                             detail={"previous": previous, **(detail or {})}, session=session)
+        logger.info("%s: active version %s -> %s by %s", action, previous, name, actor)
+        return previous
+
+    def previous_active(self) -> str | None:
+        """Return the version that was active before the current one, from the audit log."""
+        current = self.active()
+        with self.store.session() as session:
+            rows = session.execute(
+                select(AuditRow.version, AuditRow.detail)
+                .where(AuditRow.action.in_(["activate", "promote", "rollback"]))
+                .order_by(AuditRow.id.desc())
+            ).all()
+        for version, detail in rows:
+            if current is not None and version == current.name:
+                previous = json.loads(detail).get("previous")
+                if previous:
+                    return previous
+        return current.parent if current else None
+
+    def rollback(self, to: str | None, *, actor: str, reason: str = "") -> tuple[str | None, str]:
+        """Activate ``to`` (default: the previously active version); return (from, to)."""
+        current = self.active()
+        if current is None:
+            raise RegistryError("no active version to roll back from")
+        target = to or self.previous_active()
+        if target is None:
+            raise RegistryError(f"version {current.name} has no previous version; pass --to VERSION")
+        if target == current.name:
+            raise RegistryError(f"version {target} is already active")
+        self.get(target)
+        self.activate(target, actor=actor, action="rollback", detail={"reason": reason})
+        return current.name, target

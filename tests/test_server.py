@@ -1,0 +1,426 @@
+"""Inference server on two real adapters of the tiny BERT: validation, events, hot swap."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from retrain.emitter import EventEmitter
+from retrain.model import Classifier
+from retrain.server import create_app
+from retrain.trainer import TrainSettings, train_adapter
+from tests.test_emitter import EventReceiver
+
+V1_LABELS = ["greeting", "farewell", "question"]
+V1_TRAIN = [
+    ("hello there", "greeting"),
+    ("good morning to you", "greeting"),
+    ("bye for now", "farewell"),
+    ("see you tomorrow", "farewell"),
+    ("what time is it", "question"),
+    ("where is the station", "question"),
+]
+V2_LABELS = ["billing", "shipping", "refund", "account"]
+V2_TRAIN = [
+    ("my invoice is wrong", "billing"),
+    ("charge on my card", "billing"),
+    ("where is my parcel", "shipping"),
+    ("delivery is late", "shipping"),
+    ("i want my money back", "refund"),
+    ("return this item", "refund"),
+    ("reset my password", "account"),
+    ("change my email address", "account"),
+]
+PROBE_TEXTS = [
+    "hello, is my parcel late?",
+    "bye",
+    "reset the password on my account please",
+    "what is the refund policy",
+    "see you",
+]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two adapter versions with different label sets, trained for one epoch."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = str(tiny_model_dir)
+    train_adapter(base, V1_LABELS, V1_TRAIN, root / "v1", TrainSettings(epochs=1, seed=0, device="cpu"))
+    train_adapter(base, V2_LABELS, V2_TRAIN, root / "v2", TrainSettings(epochs=1, seed=1, device="cpu"))
+    return {"v1": root / "v1", "v2": root / "v2"}
+
+
+@pytest.fixture(scope="module")
+def expected_probabilities(tiny_model_dir, adapters) -> dict[str, np.ndarray]:
+    """PROBE_TEXTS probabilities of each version, computed without the server."""
+    expected = {}
+    for version, adapter_dir in adapters.items():
+        classifier = Classifier.load(str(tiny_model_dir), adapter_dir, version, device="cpu")
+        expected[version] = classifier.predict_proba(PROBE_TEXTS)
+    return expected
+
+
+class VersionSource:
+    """Mutable stand-in for the adapter registry: returns the active (version, adapter_dir)."""
+
+    def __init__(self, adapters: dict[str, Path], active: str | None) -> None:
+        self.adapters = adapters
+        self.active = active
+        self.missing_dir: Path | None = None
+
+    def activate(self, version: str | None) -> None:
+        self.active = version
+
+    def __call__(self) -> tuple[str, str] | None:
+        if self.active is None:
+            return None
+        adapter_dir = self.adapters.get(self.active, self.missing_dir)
+        return self.active, str(adapter_dir)
+
+
+def _make_app(tiny_model_dir, source, emitter=None, **kwargs):
+    kwargs.setdefault("poll_interval_s", 60.0)
+    return create_app(
+        base_model=str(tiny_model_dir),
+        version_source=source,
+        emitter=emitter,
+        device="cpu",
+        registry=CollectorRegistry(),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def source(adapters) -> VersionSource:
+    return VersionSource(adapters, active="v1")
+
+
+@pytest.fixture
+def client(tiny_model_dir, source):
+    with TestClient(_make_app(tiny_model_dir, source)) as test_client:
+        yield test_client
+
+
+def _assert_matches_version(response_body: dict, texts: list[str], expected: dict[str, np.ndarray]):
+    """Check that every prediction equals the direct output of the version that the body names."""
+    version = response_body["version"]
+    labels = V1_LABELS if version == "v1" else V2_LABELS
+    assert version in ("v1", "v2")
+    assert response_body["labels"] == labels
+    for text, prediction in zip(texts, response_body["predictions"], strict=True):
+        row = expected[version][PROBE_TEXTS.index(text)]
+        assert prediction["label"] == labels[int(np.argmax(row))], (version, text)
+        np.testing.assert_allclose(prediction["probabilities"], row, atol=1e-5)
+
+
+def test_classify_one_prediction_per_text(client):
+    texts = ["hello there", "what time is it", "bye"]
+    response = client.post("/v1/classify", json={"texts": texts})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["version"] == "v1"
+    assert len(body["predictions"]) == len(texts)
+    assert "labels" not in body
+    for prediction in body["predictions"]:
+        assert prediction["label"] in V1_LABELS
+        assert 0.0 < prediction["probability"] <= 1.0
+        assert "probabilities" not in prediction
+        assert re.fullmatch(r"[0-9a-f]{32}", prediction["event_id"])
+    assert len({p["event_id"] for p in body["predictions"]}) == len(texts)
+
+
+def test_classify_probabilities_when_requested(client, expected_probabilities):
+    response = client.post(
+        "/v1/classify", json={"texts": PROBE_TEXTS, "return_probabilities": True}
+    )
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["labels"] == V1_LABELS
+    for prediction in body["predictions"]:
+        assert len(prediction["probabilities"]) == len(V1_LABELS)
+        assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+        assert prediction["probability"] == max(prediction["probabilities"])
+    _assert_matches_version(body, PROBE_TEXTS, expected_probabilities)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_messages"),
+    [
+        ({}, ["texts: missing required field"]),
+        ({"texts": []}, ["texts: empty list"]),
+        ({"texts": "hello"}, ["texts: expected a list of strings, got string 'hello'"]),
+        ({"texts": ["ok", "   "]}, ["texts[1]: empty string '   '"]),
+        ({"texts": ["ok", ""]}, ["texts[1]: empty string ''"]),
+        ({"texts": [5, "ok"]}, ["texts[0]: expected a string, got number 5"]),
+        ({"texts": ["ok", None]}, ["texts[1]: expected a string, got null None"]),
+        ({"texts": ["x" * 2001]}, ["texts[0]: 2001 characters, at most 2000 allowed ('xxx"]),
+        ({"texts": ["hi"] * 257}, ["texts: 257 items, at most 256 allowed"]),
+        (
+            {"texts": ["hi"], "return_probabilities": "yes"},
+            ["return_probabilities: expected true or false, got string 'yes'"],
+        ),
+        (["hi"], ["body: expected a JSON object, got array ['hi']"]),
+        (
+            {"texts": ["", 3]},
+            ["texts[0]: empty string ''", "texts[1]: expected a string, got number 3"],
+        ),
+    ],
+)
+def test_classify_rejects_invalid_body(client, body, expected_messages):
+    response = client.post("/v1/classify", json=body)
+
+    assert response.status_code == 422
+    messages = response.json()["detail"]
+    assert len(messages) == len(expected_messages), messages
+    for message, expected in zip(messages, expected_messages):
+        assert message.startswith(expected), messages
+
+
+def test_classify_rejects_invalid_json(client):
+    response = client.post(
+        "/v1/classify", content=b'{"texts": [', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0].startswith("body: invalid JSON")
+
+
+def test_metrics_count_invalid_and_ok_requests(client):
+    client.post("/v1/classify", json={"texts": []})
+    client.post("/v1/classify", json={"texts": ["hello"]})
+    text = client.get("/metrics").text
+
+    assert 'driftloop_server_requests_total{outcome="invalid"} 1.0' in text
+    assert 'driftloop_server_requests_total{outcome="ok"} 1.0' in text
+    assert "driftloop_server_request_latency_seconds_count 1.0" in text
+    assert 'driftloop_server_active_version_info{version="v1"} 1.0' in text
+    assert "driftloop_server_swaps_total 1.0" in text
+    assert "driftloop_server_load_failures_total 0.0" in text
+
+
+def test_not_ready_without_version(tiny_model_dir, adapters):
+    source = VersionSource(adapters, active=None)
+    with TestClient(_make_app(tiny_model_dir, source)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/v1/version").status_code == 503
+
+        response = client.post("/v1/classify", json={"texts": ["hello"]})
+        assert response.status_code == 503
+        assert response.json()["detail"] == "no model loaded yet"
+
+        source.activate("v1")
+        assert client.post("/v1/admin/reload").json() == {"version": "v1"}
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/classify", json={"texts": ["hello"]}).status_code == 200
+
+
+def test_ready_and_version_after_startup(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/v1/version").json() == {"version": "v1", "labels_count": 3}
+
+
+def test_admin_reload_swaps_version(client, source, expected_probabilities):
+    source.activate("v2")
+    response = client.post("/v1/admin/reload")
+
+    assert response.status_code == 200
+    assert response.json() == {"version": "v2"}
+    assert client.get("/v1/version").json() == {"version": "v2", "labels_count": 4}
+    body = client.post(
+        "/v1/classify", json={"texts": PROBE_TEXTS, "return_probabilities": True}
+    ).json()
+    assert body["version"] == "v2"
+    _assert_matches_version(body, PROBE_TEXTS, expected_probabilities)
+
+
+def test_load_failure_keeps_old_version(client, source, tmp_path):
+    source.missing_dir = tmp_path / "no-such-adapter"
+    source.activate("v3")
+    response = client.post("/v1/admin/reload")
+
+    assert response.status_code == 500
+    assert response.json()["version"] == "v1"
+    assert "v3" in response.json()["detail"]
+    assert client.post("/v1/classify", json={"texts": ["hello"]}).json()["version"] == "v1"
+    assert "driftloop_server_load_failures_total 1.0" in client.get("/metrics").text
+
+
+def test_poll_thread_picks_up_new_version(tiny_model_dir, source):
+    app = _make_app(tiny_model_dir, source, poll_interval_s=0.05)
+    with TestClient(app) as client:
+        source.activate("v2")
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if client.get("/v1/version").json()["version"] == "v2":
+                break
+            time.sleep(0.05)
+        assert client.get("/v1/version").json()["version"] == "v2"
+
+
+def test_classify_emits_one_event_per_text(tiny_model_dir, source):
+    receiver = EventReceiver()
+    receiver_thread = threading.Thread(
+        target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    receiver_thread.start()
+    emitter = EventEmitter(
+        receiver.url, batch_size=16, flush_interval_s=0.1, registry=CollectorRegistry()
+    )
+    try:
+        texts = ["hello there", "where is the station"]
+        with TestClient(_make_app(tiny_model_dir, source, emitter=emitter)) as client:
+            body = client.post("/v1/classify", json={"texts": texts}).json()
+            metrics_text = client.get("/metrics").text
+        # Leaving the TestClient closes the emitter, which flushes the queue.
+        events = receiver.events()
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+        receiver_thread.join(5)
+
+    assert "driftloop_server_events_sent_total" in metrics_text
+    assert [event["id"] for event in events] == [p["event_id"] for p in body["predictions"]]
+    for event, text, prediction in zip(events, texts, body["predictions"], strict=True):
+        assert event["text"] == text
+        assert event["version"] == "v1"
+        assert event["label"] == prediction["label"]
+        assert event["confidence"] == prediction["probability"]
+        assert len(event["probabilities"]) == len(V1_LABELS)
+        assert event["latency_ms"] > 0
+        assert abs(event["timestamp"] - time.time()) < 60
+    assert emitter.sent == 2
+
+
+def test_classify_succeeds_while_monitor_down(tiny_model_dir, source):
+    closed_port = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed_port.bind(("127.0.0.1", 0))
+    monitor_url = f"http://127.0.0.1:{closed_port.getsockname()[1]}"
+    emitter = EventEmitter(
+        monitor_url, batch_size=8, flush_interval_s=0.05, registry=CollectorRegistry()
+    )
+    try:
+        with TestClient(_make_app(tiny_model_dir, source, emitter=emitter)) as client:
+            statuses = [
+                client.post("/v1/classify", json={"texts": ["hello", "bye"]}).status_code
+                for _ in range(20)
+            ]
+    finally:
+        closed_port.close()
+
+    assert statuses == [200] * 20
+    assert emitter.sent == 0
+    assert emitter.dropped_by_reason["send_failed"] == 40
+
+
+class _ServerThread:
+    """uvicorn serving an app on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> _ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start within 30 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_hot_swap_under_concurrent_load(tiny_model_dir, source, expected_probabilities):
+    app = _make_app(tiny_model_dir, source, poll_interval_s=0.05)
+    stop = threading.Event()
+    lock = threading.Lock()
+    failures: list[str] = []
+    results: list[tuple[int, int, dict]] = []  # (worker, sequence number, body)
+
+    def send_requests(worker: int, url: str) -> None:
+        texts = PROBE_TEXTS[worker % 2 :]
+        sequence = 0
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post(
+                        "/v1/classify", json={"texts": texts, "return_probabilities": True}
+                    )
+                except httpx.HTTPError as exc:
+                    with lock:
+                        failures.append(f"worker {worker}: {type(exc).__name__}: {exc}")
+                    continue
+                with lock:
+                    if response.status_code != 200:
+                        failures.append(f"worker {worker}: {response.status_code} {response.text}")
+                    else:
+                        results.append((worker, sequence, response.json()))
+                sequence += 1
+
+    def versions_seen() -> set[str]:
+        with lock:
+            return {body["version"] for _, _, body in results}
+
+    def wait_until(condition, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    with _ServerThread(app) as server:
+        workers = [
+            threading.Thread(target=send_requests, args=(worker, server.url)) for worker in range(4)
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            wait_until(lambda: len(results) >= 20)
+            source.activate("v2")
+            wait_until(lambda: "v2" in versions_seen())
+            with lock:
+                count_at_swap = len(results)
+            wait_until(lambda: len(results) >= count_at_swap + 20)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(30)
+
+        final = httpx.post(f"{server.url}/v1/classify", json={"texts": ["hello"]}, timeout=30)
+
+    assert failures == []
+    assert versions_seen() == {"v1", "v2"}
+    assert final.json()["version"] == "v2"
+    for worker, _, body in results:
+        _assert_matches_version(body, PROBE_TEXTS[worker % 2 :], expected_probabilities)
+
+    # Requests of one worker are sequential, so after its first v2 response it gets no v1.
+    for worker in range(4):
+        ordered = sorted((sequence, body["version"]) for w, sequence, body in results if w == worker)
+        versions = [version for _, version in ordered]
+        if "v2" in versions:
+            first_v2 = versions.index("v2")
+            assert "v1" not in versions[first_v2:], (worker, versions)
