@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     # Model-load reports and progress bars would bury the daemon's own log lines.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for noisy in ("httpx", "apscheduler", "sentence_transformers", "transformers", "peft"):
+    for noisy in ("httpx", "apscheduler", "sentence_transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

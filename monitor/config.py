@@ -69,8 +69,8 @@ class TrainingConfig(_Section):
     alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
-    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
-    epochs: int = Field(3, ge=1, le=1000)
+    learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
+    epochs: int = Field(5, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -127,14 +127,15 @@ class DetectorsConfig(_Section):
 
 class TriggerConfig(_Section):
     consecutive_windows: int = Field(2, ge=1, description="Drifted windows in a row that trigger a retrain.")
-    min_labels: int = Field(200, ge=1, description="Labelled production events needed before a retrain starts.")
+    min_labels: int = Field(200, ge=1, description="Labelled events received since the drift began, needed before a retrain starts.")
     cooldown_s: float = Field(300.0, ge=0.0, description="Seconds after a retrain ends before another may start.")
 
 
 class RetrainConfig(_Section):
-    training: TrainingConfig = TrainingConfig(epochs=2)
+    training: TrainingConfig = TrainingConfig()
     warm_start: bool = Field(True, description="Start from the active adapter's weights and head.")
     replay_per_label: int = Field(30, ge=0, description="Original training examples per label mixed in against forgetting.")
+    max_per_label: int | None = Field(40, ge=1, description="Cap on training examples per label, so a frequent class does not swamp rare ones; null = no cap.")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of labelled production events held out (by id hash) for the canary.")
 
 
@@ -182,8 +183,7 @@ class Config(_Section):
 
     @property
     def state_path(self) -> Path:
-        path = Path(self.state_dir)
-        return path if path.is_absolute() else Path(self.base_dir) / path
+        return self.resolve_path(self.state_dir)
 
     @property
     def cache_path(self) -> Path:
@@ -197,7 +197,7 @@ class Config(_Section):
 
     def resolve_path(self, value: str) -> Path:
         path = Path(value)
-        return path if path.is_absolute() else Path(self.base_dir) / path
+        return Path(os.path.normpath(path if path.is_absolute() else Path(self.base_dir) / path))
 
 
 def _format_error(error: dict[str, Any]) -> str:

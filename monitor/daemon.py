@@ -262,9 +262,11 @@ class MonitorDaemon:
         self._apply_policy(window.id, report)
 
     def _apply_policy(self, window_id: str, report) -> None:
-        labelled = self.store.count_labelled(since=self.active_since)
-        decision = self.policy.observe(window_id, report.status, report.drifted, labelled=labelled,
-                                       job_active=self.job_running())
+        decision = self.policy.observe(
+            window_id, report.started_at, report.status, report.drifted,
+            count_labelled=lambda since: self.store.count_labelled(since=since),
+            job_active=self.job_running(),
+        )
         self.metrics.consecutive_drift.set(decision.streak)
         if decision.action == "needs_labels":
             self.metrics.labels_needed.set(decision.labels_needed)
@@ -278,7 +280,8 @@ class MonitorDaemon:
             self.metrics.labels_needed.set(0)
             self.labels_alert_streak = None
             self.start_retrain({"windows": list(self.policy.streak_windows), "reason": decision.reason,
-                                "signals": report.drifted_signals, "labelled": decision.labelled})
+                                "signals": report.drifted_signals, "labelled": decision.labelled,
+                                "drift_started_at": self.policy.streak_started_at})
             self.policy.reset()
         elif decision.streak == 0:
             self.labels_alert_streak = None
@@ -302,6 +305,7 @@ class MonitorDaemon:
         self.metrics.retrain_state.state("training")
         job = RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
                          dataset=self.dataset, base=active, since=self.active_since,
+                         drift_started_at=trigger.get("drift_started_at"),
                          on_progress=self._on_progress, should_stop=self.cancel_requested.is_set)
         self.job_thread = threading.Thread(target=self._run_job, args=(job,), name=f"retrain-{run_id}", daemon=True)
         self.job_thread.start()

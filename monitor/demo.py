@@ -32,7 +32,7 @@ import httpx
 import yaml
 
 from monitor.config import Config, load_config, parse_config
-from retrain.datasets import OUT_OF_SCOPE, load_clinc150
+from retrain.datasets import load_clinc150
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,22 @@ class Scenario:
     label_delay_batches: int = 3
     timeout_s: float = 1500.0
     seed: int = 0
+    # Domains of the drifted traffic; None means every domain the first adapter did not learn.
+    new_domains: tuple[str, ...] | None = None
 
 
-FULL = Scenario(phase1_events=1000, post_swap_events=1000, max_phase2_events=4000, new_domain_share=0.6,
+FULL = Scenario(phase1_events=1000, post_swap_events=1000, max_phase2_events=5000, new_domain_share=0.6,
                 oos_share=0.1, label_fraction=0.5, events_per_second=25.0)
-QUICK = Scenario(phase1_events=400, post_swap_events=400, max_phase2_events=2000, new_domain_share=0.6,
-                 oos_share=0.1, label_fraction=0.6, events_per_second=30.0, timeout_s=420.0)
+QUICK = Scenario(phase1_events=400, post_swap_events=400, max_phase2_events=3000, new_domain_share=0.6,
+                 oos_share=0.1, label_fraction=0.8, events_per_second=30.0, timeout_s=420.0)
 
 # Settings that make --quick fit in a few minutes on 2 CPU cores.
 QUICK_OVERRIDES = {
-    "data": {"per_label_limit": 12},
-    "bootstrap": {"epochs": 4},
+    "data": {"per_label_limit": 15},
+    "bootstrap": {"epochs": 5, "learning_rate": 0.005},
     "monitor": {"window_size": 100, "sample_size": 100, "check_interval_s": 2.0},
-    "trigger": {"min_labels": 120},
-    "retrain": {"replay_per_label": 8, "training": {"epochs": 3}},
+    "trigger": {"min_labels": 700},
+    "retrain": {"replay_per_label": 8, "max_per_label": 20, "training": {"epochs": 5}},
     "canary": {"min_production_samples": 20, "shadow_sample": 100},
 }
 
@@ -152,13 +154,13 @@ def _stop(process: subprocess.Popen) -> None:
 class Traffic:
     """Pools of never-repeated texts for each traffic source."""
 
-    def __init__(self, config: Config, seed: int):
+    def __init__(self, config: Config, seed: int, new_domains: tuple[str, ...] | None = None):
         from retrain.datasets import dataset_from_config
 
         clinc = load_clinc150()
         dataset = dataset_from_config(config)
         known_domains = config.data.clinc150.domains or list(clinc.domains)
-        self.new_domains = [name for name in clinc.domains if name not in known_domains]
+        self.new_domains = list(new_domains) if new_domains else [name for name in clinc.domains if name not in known_domains]
         new_intents = clinc.intents_of(self.new_domains) if self.new_domains else set()
         rng = random.Random(seed)
         self.pools = {
@@ -190,7 +192,7 @@ class DemoRun:
         self.monitor = httpx.Client(base_url=monitor_url, timeout=30.0)
         self.server = httpx.Client(base_url=server_url, timeout=60.0)
         self.timeline = timeline
-        self.traffic = Traffic(config, scenario.seed)
+        self.traffic = Traffic(config, scenario.seed, scenario.new_domains)
         self.sent: list[Sent] = []
         self.label_queue: list[list[dict]] = []
         self.audit_seen = 0
@@ -200,6 +202,8 @@ class DemoRun:
         self.promoted_at: float | None = None
         self.swap_seen_at_event: int | None = None
         self.run_id: str | None = None
+        self.suppressed_windows = 0
+        self.windows_seen: set[str] = set()
         self.rng = random.Random(scenario.seed + 1)
 
     def send_batch(self, phase: str) -> bool:
@@ -252,13 +256,31 @@ class DemoRun:
         for entry in entries:
             self.audit_seen = entry["id"]
             self._describe(entry)
+        if self.promoted_version is not None:
+            self._describe_new_windows()
+
+    def _describe_new_windows(self) -> None:
+        """Print every window of the promoted version, drifted or not, to show the recovery."""
+        windows = self.monitor.get("/v1/windows", params={"limit": 20}).json()["windows"]
+        for window in sorted(windows, key=lambda w: w["ended_at"]):
+            if window.get("version") != self.promoted_version or window["window_id"] in self.windows_seen:
+                continue
+            self.windows_seen.add(window["window_id"])
+            if window["drifted"]:
+                continue  # already printed from the audit log
+            self.timeline.say(f"window {window['window_id']} ({self.promoted_version}): no drift "
+                              f"(mean confidence {window['mean_confidence']:.2f}, {window['n_events']} events)")
 
     def _describe(self, entry: dict) -> None:
         action, detail = entry["action"], entry["detail"]
         self.events.setdefault(action, entry["timestamp"])
         if action == "window_drifted":
-            self.timeline.say(f"drift in window {detail['window_id']}: {', '.join(detail['signals'])} "
-                              f"(mean confidence {detail['mean_confidence']:.2f}, {detail['n_events']} events)")
+            # While a run is in progress further drifted windows add nothing new to the story.
+            if self.run_id is None or self.promoted_version is not None:
+                self.timeline.say(f"drift in window {detail['window_id']}: {', '.join(detail['signals'])} "
+                                  f"(mean confidence {detail['mean_confidence']:.2f}, {detail['n_events']} events)")
+            else:
+                self.suppressed_windows += 1
         elif action == "labels_needed":
             self.timeline.say(f"drift persists, retrain waits for labels: {detail['message']}")
         elif action == "retrain_triggered":
@@ -268,6 +290,8 @@ class DemoRun:
         elif action.startswith("run_") or action.startswith("canary_"):
             self.timeline.say(f"run {entry['run_id']}: {action.replace('_', ' ')}")
         elif action == "promote":
+            if self.suppressed_windows:
+                self.timeline.say(f"{self.suppressed_windows} more drifted windows while the run was in progress")
             self.promoted_version = entry["version"]
             self.promoted_at = entry["timestamp"]
             self.timeline.say(f"promoted {entry['version']} (was {detail.get('previous')}) by {entry['actor']}")

@@ -1,14 +1,16 @@
 """Turn a stream of window reports into retraining decisions.
 
 A retrain is triggered after ``consecutive_windows`` drifted windows in a row,
-once enough labelled production events exist, outside the cooldown that follows
-the previous run. Windows with insufficient data neither extend nor break a
-streak.
+once enough labelled production events from the drifted period exist (events
+received since the first window of the streak started), outside the cooldown
+that follows the previous run. Windows with insufficient data neither extend
+nor break a streak.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -28,28 +30,35 @@ class TriggerPolicy:
         self.cooldown_s = cooldown_s
         self.streak = 0
         self.streak_windows: list[str] = []
+        self.streak_started_at: float | None = None
         self.last_run_ended_at: float | None = None
 
     def reset(self) -> None:
         self.streak = 0
         self.streak_windows = []
+        self.streak_started_at = None
 
     def run_ended(self, at: float | None = None) -> None:
         self.last_run_ended_at = at if at is not None else time.time()
         self.reset()
 
-    def observe(self, window_id: str, status: str, drifted: bool, *, labelled: int, job_active: bool,
+    def observe(self, window_id: str, started_at: float, status: str, drifted: bool, *,
+                count_labelled: Callable[[float], int], job_active: bool,
                 now: float | None = None) -> TriggerDecision:
+        """Update the streak with one window; ``count_labelled(since)`` counts labelled events."""
         if status != "ok":
-            return TriggerDecision("none", self.streak, labelled)
+            return TriggerDecision("none", self.streak)
         if not drifted:
             self.reset()
-            return TriggerDecision("none", 0, labelled)
+            return TriggerDecision("none", 0)
 
         self.streak += 1
         self.streak_windows.append(window_id)
+        if self.streak_started_at is None:
+            self.streak_started_at = started_at
         if self.streak < self.consecutive_windows:
-            return TriggerDecision("none", self.streak, labelled)
+            return TriggerDecision("none", self.streak)
+        labelled = count_labelled(self.streak_started_at)
         if job_active:
             return TriggerDecision("busy", self.streak, labelled, reason="a retraining run is already in progress")
         now = now if now is not None else time.time()

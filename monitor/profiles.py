@@ -1,13 +1,13 @@
 """Build and load the reference profile of an adapter version.
 
-The profile follows the active version: it is built from that version's own
-training data (``train.jsonl``) and scored on its validation data
-(``validation.jsonl``) with that version's classifier.
+The profile follows the active version. It describes the texts in the
+version folder's ``reference.jsonl`` (the traffic the version was trained for;
+``train.jsonl`` when absent) and the confidence of that version's classifier
+on ``validation.jsonl``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,17 +15,9 @@ from pathlib import Path
 from monitor.config import Config, resolve_model_path
 from monitor.embedding import Embedder
 from monitor.reference import ReferenceProfile, build_reference
-from retrain.registry import read_train_data
+from retrain.registry import read_examples
 
 logger = logging.getLogger(__name__)
-
-
-def read_validation(folder: Path) -> list[tuple[str, str]]:
-    path = Path(folder) / "validation.jsonl"
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [(row["text"], row["label"]) for row in map(json.loads, handle)]
 
 
 def build_version_profile(config: Config, adapter_dir: Path, version: str, target: Path,
@@ -41,8 +33,12 @@ def build_version_profile(config: Config, adapter_dir: Path, version: str, targe
     if embedder is None:
         embedder = Embedder(resolve_model_path(config.embedding.model), batch_size=config.embedding.batch_size)
 
-    train_texts = [text for text, _ in read_train_data(Path(adapter_dir))]
-    validation = read_validation(Path(adapter_dir))
+    folder = Path(adapter_dir)
+    reference_file = folder / "reference.jsonl"
+    if not reference_file.is_file():
+        reference_file = folder / "train.jsonl"
+    train_texts = [text for text, _ in read_examples(reference_file)]
+    validation = read_examples(folder / "validation.jsonl")
     val_texts = [text for text, _ in validation]
     probabilities = classifier.predict_proba(val_texts)
     profile = build_reference(

@@ -19,7 +19,7 @@ from monitor.errors import RegistryError
 from monitor.profiles import build_version_profile
 from monitor.store import Store
 from retrain.datasets import Dataset, dataset_from_config
-from retrain.registry import Registry, Version, write_train_data
+from retrain.registry import Registry, Version, write_examples, write_train_data
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ def fingerprint(config: Config, dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def _write_validation(folder: Path, examples) -> None:
-    with (folder / "validation.jsonl").open("w", encoding="utf-8") as handle:
-        for text, label in examples:
-            handle.write(json.dumps({"text": text, "label": label}) + "\n")
-
-
 def train_bootstrap_adapter(config: Config, dataset: Dataset, target: Path, progress=None) -> dict:
     from retrain.trainer import TrainSettings, train_adapter
 
@@ -54,7 +48,7 @@ def train_bootstrap_adapter(config: Config, dataset: Dataset, target: Path, prog
     result = train_adapter(resolve_model_path(config.model.base), dataset.labels, dataset.train, target, settings,
                            progress=progress)
     write_train_data(target, dataset.train)
-    _write_validation(target, dataset.validation)
+    write_examples(target / "validation.jsonl", dataset.validation)
     return {"steps": result.steps, "wall_seconds": result.wall_seconds, "final_loss": result.final_loss,
             "device": result.device, "precision": result.precision}
 

@@ -24,11 +24,13 @@ from monitor.config import Config, resolve_model_path
 from monitor.errors import DriftloopError
 from monitor.store import Store
 from retrain.datasets import Dataset, Example, cap_per_label
-from retrain.registry import Registry, Version, read_train_data, write_train_data
+from retrain.registry import Registry, Version, read_train_data, write_examples, write_train_data
 
 logger = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("training", "evaluating", "promoting")
+# Fewer drifted-period texts than this and the profile falls back to the training data.
+MIN_PROFILE_TEXTS = 100
 FINAL_STATES = ("active", "rejected_by_gate", "rejected", "failed", "superseded", "rolled_back")
 
 
@@ -50,6 +52,7 @@ class AssembledData:
     replay: int
     duplicates_removed: int
     label_counts: dict[str, int]
+    capped: int = 0
 
     def summary(self) -> dict:
         return {
@@ -58,17 +61,21 @@ class AssembledData:
             "production_train": self.production_train,
             "replay": self.replay,
             "duplicates_removed": self.duplicates_removed,
+            "capped": self.capped,
             "labels_in_train": len(self.label_counts),
         }
 
 
 def assemble_training_data(base_train: list[Example], production: list[tuple[str, str, str]], *,
-                           replay_per_label: int, holdout_fraction: float, seed: int) -> AssembledData:
+                           replay_per_label: int, holdout_fraction: float, seed: int,
+                           max_per_label: int | None = None) -> AssembledData:
     """Mix replayed original data with labelled production events.
 
     Production events are split into train and holdout by id hash. Texts that
     occur in the holdout (after normalising case and spaces) are removed from
-    the training side, so nothing is both trained on and used to judge.
+    the training side, so nothing is both trained on and used to judge. No
+    label keeps more than ``max_per_label`` examples, so a frequent catch-all
+    class (such as out-of-scope) does not swallow the rare new intents.
     """
     holdout = [(text, label) for event_id, text, label in production if in_holdout(event_id, holdout_fraction)]
     production_train = [(text, label) for event_id, text, label in production if not in_holdout(event_id, holdout_fraction)]
@@ -85,6 +92,7 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
             continue
         seen.add(key)
         train.append((text, label))
+    train, capped = cap_per_label(train, max_per_label, seed)
     return AssembledData(
         train=train,
         holdout=holdout,
@@ -92,6 +100,7 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
         replay=len(replay),
         duplicates_removed=removed,
         label_counts=dict(Counter(label for _, label in train)),
+        capped=len(capped),
     )
 
 
@@ -99,7 +108,7 @@ class RetrainJob:
     """Run one retrain in the calling thread; the daemon runs it in a worker thread."""
 
     def __init__(self, *, run_id: str, config: Config, store: Store, registry: Registry, dataset: Dataset,
-                 base: Version, since: float | None,
+                 base: Version, since: float | None, drift_started_at: float | None = None,
                  on_progress: Callable[[dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None):
         self.run_id = run_id
@@ -109,6 +118,7 @@ class RetrainJob:
         self.dataset = dataset
         self.base = base
         self.since = since
+        self.drift_started_at = drift_started_at
         self.on_progress = on_progress
         self.should_stop = should_stop
         self.work_dir = config.state_path / "runs" / run_id
@@ -118,6 +128,27 @@ class RetrainJob:
         self.store.audit("retrain", f"run_{state}", run_id=self.run_id, version=self.base.name,
                          detail={k: v for k, v in values.items() if k == "error"})
         logger.info("retrain run %s: state %s", self.run_id, state)
+
+    def _profile_data(self, data: AssembledData) -> tuple[list[Example], list[Example]]:
+        """Choose the texts the new version's reference profile describes.
+
+        The profile should describe the traffic the new version will serve, so
+        it is built from the production events of the drifted period when
+        there are enough of them; replayed original data is there against
+        forgetting, not as a picture of current traffic.
+        """
+        if self.drift_started_at is None:
+            return data.train, self.dataset.validation + data.holdout
+        drifted = self.store.labelled_events(since=self.drift_started_at)
+        drifted_train = [(text, label) for event_id, text, label in drifted
+                         if not in_holdout(event_id, self.config.retrain.holdout_fraction)]
+        drifted_holdout = [(text, label) for event_id, text, label in drifted
+                           if in_holdout(event_id, self.config.retrain.holdout_fraction)]
+        reference = drifted_train if len(drifted_train) >= MIN_PROFILE_TEXTS else data.train
+        validation = drifted_holdout if len(drifted_holdout) >= MIN_PROFILE_TEXTS // 2 else self.dataset.validation + data.holdout
+        logger.info("retrain run %s: reference profile from %d texts, confidence reference from %d texts",
+                    self.run_id, len(reference), len(validation))
+        return reference, validation
 
     def run(self) -> str:
         """Return the final state reached by this thread (``approved`` means promotion is next)."""
@@ -143,6 +174,7 @@ class RetrainJob:
             replay_per_label=retrain.replay_per_label,
             holdout_fraction=retrain.holdout_fraction,
             seed=retrain.training.seed,
+            max_per_label=retrain.max_per_label,
         )
         logger.info("retrain run %s: data %s", self.run_id, json.dumps(data.summary()))
 
@@ -161,10 +193,9 @@ class RetrainJob:
             progress=self.on_progress, should_stop=self.should_stop,
         )
         write_train_data(candidate_dir, data.train)
-        validation = self.dataset.validation + data.holdout
-        with (candidate_dir / "validation.jsonl").open("w", encoding="utf-8") as handle:
-            for text, label in validation:
-                handle.write(json.dumps({"text": text, "label": label}) + "\n")
+        reference, validation = self._profile_data(data)
+        write_examples(candidate_dir / "reference.jsonl", reference)
+        write_examples(candidate_dir / "validation.jsonl", validation)
         training = {
             "data": data.summary(),
             "steps": result.steps,

@@ -52,20 +52,26 @@ def _version(row: VersionRow) -> Version:
     return Version(row.name, row.number, Path(row.adapter_dir), row.parent, row.run_id, row.created_at)
 
 
-def write_train_data(folder: Path, examples: list[Example]) -> Path:
-    path = folder / "train.jsonl"
+def write_examples(path: Path, examples: list[Example]) -> Path:
     with path.open("w", encoding="utf-8") as handle:
         for text, label in examples:
             handle.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
 
 
-def read_train_data(folder: Path) -> list[Example]:
-    path = folder / "train.jsonl"
+def read_examples(path: Path) -> list[Example]:
     if not path.is_file():
-        raise RegistryError(f"training data of version folder {folder} not found: {path}")
+        raise RegistryError(f"data file of a version not found: {path}")
     with path.open(encoding="utf-8") as handle:
         return [(row["text"], row["label"]) for row in map(json.loads, handle) if row]
+
+
+def write_train_data(folder: Path, examples: list[Example]) -> Path:
+    return write_examples(Path(folder) / "train.jsonl", examples)
+
+
+def read_train_data(folder: Path) -> list[Example]:
+    return read_examples(Path(folder) / "train.jsonl")
 
 
 class Registry:

@@ -1,8 +1,9 @@
 from monitor.policy import TriggerPolicy
 
 
-def observe(policy, drifted, labelled=500, status="ok", job_active=False, now=1000.0):
-    return policy.observe("w", status, drifted, labelled=labelled, job_active=job_active, now=now)
+def observe(policy, drifted, labelled=500, status="ok", job_active=False, now=1000.0, started_at=900.0):
+    return policy.observe("w", started_at, status, drifted, count_labelled=lambda since: labelled,
+                          job_active=job_active, now=now)
 
 
 def test_trigger_after_consecutive_windows():
@@ -39,3 +40,17 @@ def test_busy_and_cooldown():
     policy.run_ended(at=1000.0)
     assert observe(policy, True, now=1030.0).action == "cooldown"
     assert observe(policy, True, now=1100.0).action == "trigger"
+
+
+def test_labels_counted_from_streak_start():
+    policy = TriggerPolicy(2, 10, 0)
+    seen = []
+
+    def count(since):
+        seen.append(since)
+        return 50
+
+    policy.observe("w1", 100.0, "ok", True, count_labelled=count, job_active=False, now=200.0)
+    decision = policy.observe("w2", 150.0, "ok", True, count_labelled=count, job_active=False, now=200.0)
+    assert decision.action == "trigger"
+    assert seen == [100.0]
