@@ -48,6 +48,10 @@ class Scenario:
     label_delay_batches: int = 3
     timeout_s: float = 1500.0
     seed: int = 0
+    # Traffic rate while a retrain runs, as a share of events_per_second. The
+    # replay pools are finite, and the recovery after the swap needs texts
+    # that were never sent.
+    rate_during_retrain: float = 0.25
     # Domains of the drifted traffic; None means every domain the first adapter did not learn.
     new_domains: tuple[str, ...] | None = None
 
@@ -203,6 +207,7 @@ class DemoRun:
         self.swap_seen_at_event: int | None = None
         self.run_id: str | None = None
         self.suppressed_windows = 0
+        self.run_ended = False
         self.windows_seen: set[str] = set()
         self.rng = random.Random(scenario.seed + 1)
 
@@ -289,6 +294,8 @@ class DemoRun:
                               f"{detail.get('labelled')} labelled events")
         elif action.startswith("run_") or action.startswith("canary_"):
             self.timeline.say(f"run {entry['run_id']}: {action.replace('_', ' ')}")
+            if action in ("run_failed", "run_rejected_by_gate", "run_rejected"):
+                self.run_ended = True
         elif action == "promote":
             if self.suppressed_windows:
                 self.timeline.say(f"{self.suppressed_windows} more drifted windows while the run was in progress")
@@ -298,8 +305,8 @@ class DemoRun:
         elif action == "rollback":
             self.timeline.say(f"rolled back to {entry['version']}")
 
-    def pace(self, started: float, sent_in_phase: int) -> None:
-        target = started + sent_in_phase / self.scenario.events_per_second
+    def pace(self, started: float, sent_in_phase: int, rate_factor: float = 1.0) -> None:
+        target = started + sent_in_phase / (self.scenario.events_per_second * rate_factor)
         delay = target - time.time()
         if delay > 0:
             time.sleep(delay)
@@ -320,20 +327,24 @@ class DemoRun:
         self.phase2_started_at = time.time()
         self.timeline.say(f"phase 2: {scenario.new_domain_share:.0%} of traffic from unseen domains "
                           f"({', '.join(self.traffic.new_domains)}), {scenario.oos_share:.0%} out-of-scope")
-        started, count, after_swap = time.time(), 0, 0
+        started, count, rate_factor = time.time(), 0, 1.0
         while time.time() < deadline:
             if not self.send_batch("drift"):
                 self.timeline.say("traffic pools exhausted")
                 break
             count += scenario.batch_size
             if self.swap_seen_at_event is not None:
-                after_swap = len(self.sent) - self.swap_seen_at_event
-                if after_swap >= scenario.post_swap_events:
+                if len(self.sent) - self.swap_seen_at_event >= scenario.post_swap_events:
                     break
             elif count >= scenario.max_phase2_events and self.run_id is None:
                 self.timeline.say(f"no retrain after {count} drifted events; stopping")
                 break
-            self.pace(started, count)
+            retraining = self.run_id is not None and self.promoted_version is None and not self.run_ended
+            wanted = scenario.rate_during_retrain if retraining else 1.0
+            if wanted != rate_factor:
+                # Restart the pacing clock at the new rate.
+                started, count, rate_factor = time.time(), 0, wanted
+            self.pace(started, count, rate_factor)
             if time.time() - last_poll > 2.0:
                 self.poll_timeline()
                 last_poll = time.time()

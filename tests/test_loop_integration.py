@@ -26,7 +26,7 @@ SCENARIO = Scenario(
     label_fraction=0.9,
     events_per_second=40.0,
     timeout_s=400.0,
-    new_domains=("utility",),
+    new_domains=("utility", "work"),
 )
 
 
