@@ -89,10 +89,9 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             return not_ready()
         body = await _json_body(request)
         result = daemon.ingest_events(body)
-        duplicates = getattr(result, "duplicates", [])
         payload = {
-            "accepted": len(result.valid) - len(duplicates),
-            "duplicates": len(duplicates),
+            "accepted": len(result.valid) - len(result.duplicates),
+            "duplicates": len(result.duplicates),
             "rejected": [error.to_dict() for error in result.errors],
         }
         return JSONResponse(payload, status_code=422 if result.errors else 200)

@@ -161,43 +161,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="driftloop", description="Drift monitor and LoRA retraining loop for text classifiers.")
     parser.add_argument("--config", "-c", help=f"YAML config file (default: {DEFAULT_CONFIG} when present, else built-in defaults)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # The options are accepted before and after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bootstrap = commands.add_parser("bootstrap", help="train the first adapter and build its reference profile")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **kwargs)
+
+    bootstrap = command("bootstrap", help="train the first adapter and build its reference profile")
     bootstrap.add_argument("--force", action="store_true", help="train and activate a new version even if one is active")
     bootstrap.set_defaults(func=cmd_bootstrap)
 
     for name, func, text in (("run", cmd_run, "start the monitor sidecar daemon"),
                              ("serve", cmd_serve, "start the bundled model server")):
-        sub = commands.add_parser(name, help=text)
+        sub = command(name, help=text)
         sub.add_argument("--host", help="listen address (default from the config)")
         sub.add_argument("--port", type=int, help="listen port (default from the config)")
         sub.set_defaults(func=func)
 
-    demo = commands.add_parser("demo", help="run the closed loop on CLINC150 with real processes on loopback")
+    demo = command("demo", help="run the closed loop on CLINC150 with real processes on loopback")
     demo.add_argument("--quick", action="store_true", help="smaller slice: finishes in a few minutes")
     demo.add_argument("--keep-state", action="store_true", help="keep the previous demo's database and versions")
     demo.set_defaults(func=cmd_demo)
 
     for name, func, text in (("approve", cmd_approve, "approve a retrain run waiting for approval"),
                              ("reject", cmd_reject, "reject a retrain run waiting for approval")):
-        sub = commands.add_parser(name, help=text)
+        sub = command(name, help=text)
         sub.add_argument("run_id")
         sub.add_argument("--comment", default="")
         sub.add_argument("--by", default=os.environ.get("USER", "cli"), help="who decides (default: $USER)")
         sub.set_defaults(func=func)
 
-    rollback = commands.add_parser("rollback", help="make an earlier version active again")
+    rollback = command("rollback", help="make an earlier version active again")
     rollback.add_argument("--to", help="version name (default: the previously active version)")
     rollback.add_argument("--comment", default="")
     rollback.add_argument("--by", default=os.environ.get("USER", "cli"))
     rollback.set_defaults(func=cmd_rollback)
 
     for name, func, text in (("runs", cmd_runs, "list retrain runs"), ("history", cmd_history, "print the audit log")):
-        sub = commands.add_parser(name, help=text)
+        sub = command(name, help=text)
         sub.add_argument("--limit", type=int, default=50)
         sub.set_defaults(func=func)
-    commands.add_parser("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
+    command("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
     return parser
 
 

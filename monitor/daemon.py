@@ -29,6 +29,7 @@ from monitor.sampling import Observation, WindowSampler
 from monitor.store import Store
 from retrain.jobs import ACTIVE_STATES, RetrainJob
 from retrain.registry import Registry
+from retrain.trainer import progress_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class MonitorDaemon:
         self.metrics.events_received.inc(inserted)
         if duplicates:
             self.metrics.events_duplicate.inc(len(duplicates))
-        result.duplicates = duplicates  # type: ignore[attr-defined]
+        result.duplicates = duplicates
         return result
 
     def _close_window(self) -> None:
@@ -257,7 +258,7 @@ class MonitorDaemon:
                              detail={"window_id": window.id, "signals": report.drifted_signals,
                                      "mean_confidence": report.mean_confidence, "n_events": report.n_events})
         if window.version != self.active_name:
-            # A window of the previous version says nothing about the new one.
+            # A window of the previous version is no evidence about the new one.
             return
         self._apply_policy(window.id, report)
 
@@ -302,6 +303,7 @@ class MonitorDaemon:
         self.store.audit(actor, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
         logger.info("retrain run %s triggered from version %s: %s", run_id, active.name, trigger.get("reason"))
         self.cancel_requested.clear()
+        self._log_progress = progress_reporter(logger.info, f"retrain run {run_id}")
         self.metrics.retrain_state.state("training")
         job = RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
                          dataset=self.dataset, base=active, since=self.active_since,
@@ -312,6 +314,7 @@ class MonitorDaemon:
         return run_id
 
     def _on_progress(self, progress: dict) -> None:
+        self._log_progress(progress)
         self.metrics.retrain_step.set(progress.get("step", 0))
         if progress.get("loss") is not None:
             self.metrics.retrain_loss.set(progress["loss"])

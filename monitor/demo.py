@@ -1,7 +1,7 @@
 """``driftloop demo``: close the loop on CLINC150 with real processes on loopback.
 
-The first adapter is trained on some CLINC150 domains (its head knows every
-intent and ``oos``). The demo starts ``driftloop serve`` and ``driftloop run``
+The first adapter is trained on some CLINC150 domains (its head contains
+every intent and ``oos``). The demo starts ``driftloop serve`` and ``driftloop run``
 as subprocesses and replays traffic through the server:
 
 * phase 1: in-distribution queries (training-split examples of the known
@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from monitor.config import Config, load_config, parse_config
+from monitor.config import Config, parse_config
 from retrain.datasets import load_clinc150
 
 
@@ -180,7 +180,10 @@ class Traffic:
         roll = self.rng.random()
         source = "known"
         if phase == "drift":
-            source = "new" if roll < new_share else "oos" if roll < new_share + oos_share else "known"
+            if roll < new_share:
+                source = "new"
+            elif roll < new_share + oos_share:
+                source = "oos"
             if not self.pools[source]:
                 source = "known"
         if not self.pools[source]:
@@ -207,6 +210,7 @@ class DemoRun:
         self.swap_seen_at_event: int | None = None
         self.run_id: str | None = None
         self.suppressed_windows = 0
+        self.labels_wait = False
         self.run_ended = False
         self.windows_seen: set[str] = set()
         self.rng = random.Random(scenario.seed + 1)
@@ -280,15 +284,20 @@ class DemoRun:
         action, detail = entry["action"], entry["detail"]
         self.events.setdefault(action, entry["timestamp"])
         if action == "window_drifted":
-            # While a run is in progress further drifted windows add nothing new to the story.
-            if self.run_id is None or self.promoted_version is not None:
+            # Once a retrain waits for labels or runs, further drifted windows add
+            # nothing new to the story: count them and print the count later.
+            waiting = self.labels_wait or (self.run_id is not None and self.promoted_version is None)
+            if waiting:
+                self.suppressed_windows += 1
+            else:
                 self.timeline.say(f"drift in window {detail['window_id']}: {', '.join(detail['signals'])} "
                                   f"(mean confidence {detail['mean_confidence']:.2f}, {detail['n_events']} events)")
-            else:
-                self.suppressed_windows += 1
         elif action == "labels_needed":
+            self.labels_wait = True
             self.timeline.say(f"drift persists, retrain waits for labels: {detail['message']}")
         elif action == "retrain_triggered":
+            self._report_suppressed("while waiting for labels")
+            self.labels_wait = False
             self.run_id = entry["run_id"]
             self.timeline.say(f"retrain {entry['run_id']} triggered: {detail.get('reason')}, "
                               f"{detail.get('labelled')} labelled events")
@@ -297,13 +306,17 @@ class DemoRun:
             if action in ("run_failed", "run_rejected_by_gate", "run_rejected"):
                 self.run_ended = True
         elif action == "promote":
-            if self.suppressed_windows:
-                self.timeline.say(f"{self.suppressed_windows} more drifted windows while the run was in progress")
+            self._report_suppressed("while the run was in progress")
             self.promoted_version = entry["version"]
             self.promoted_at = entry["timestamp"]
             self.timeline.say(f"promoted {entry['version']} (was {detail.get('previous')}) by {entry['actor']}")
         elif action == "rollback":
             self.timeline.say(f"rolled back to {entry['version']}")
+
+    def _report_suppressed(self, when: str) -> None:
+        if self.suppressed_windows:
+            self.timeline.say(f"{self.suppressed_windows} more drifted windows {when}")
+            self.suppressed_windows = 0
 
     def pace(self, started: float, sent_in_phase: int, rate_factor: float = 1.0) -> None:
         target = started + sent_in_phase / (self.scenario.events_per_second * rate_factor)

@@ -40,6 +40,8 @@ class ItemError:
 class BatchResult:
     valid: list[dict[str, Any]] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
+    # Ids of valid events that were already stored; set by the daemon.
+    duplicates: list[str] = field(default_factory=list)
 
 
 class BatchError(ValueError):

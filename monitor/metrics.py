@@ -68,7 +68,12 @@ class MonitorMetrics:
         self.rollbacks = Counter("driftloop_rollbacks_total", "Rollbacks to an earlier version.", registry=r)
 
     def record_window(self, report) -> None:
-        status = report.status if report.status != "ok" else ("drift" if report.drifted else "no_drift")
+        if report.status != "ok":
+            status = report.status
+        elif report.drifted:
+            status = "drift"
+        else:
+            status = "no_drift"
         self.windows_evaluated.labels(status).inc()
         if report.status != "ok":
             return

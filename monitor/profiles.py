@@ -1,9 +1,9 @@
 """Build and load the reference profile of an adapter version.
 
 The profile follows the active version. It describes the texts in the
-version folder's ``reference.jsonl`` (the traffic the version was trained for;
-``train.jsonl`` when absent) and the confidence of that version's classifier
-on ``validation.jsonl``.
+version folder's ``reference.jsonl``, the traffic the version was trained for,
+or ``train.jsonl`` when that file is absent. Its confidence part comes from
+that version's classifier on ``validation.jsonl``.
 """
 
 from __future__ import annotations

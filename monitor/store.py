@@ -1,6 +1,6 @@
 """SQLAlchemy tables and the queries the monitor and the retraining side share.
 
-The store holds facts, not decisions: events with their delayed labels, window
+The store contains facts, not decisions: events with their delayed labels, window
 reports, retraining runs, adapter versions with the active pointer, and the
 audit log. SQLite is the default; any SQLAlchemy URL works.
 """

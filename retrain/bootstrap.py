@@ -20,6 +20,7 @@ from monitor.profiles import build_version_profile
 from monitor.store import Store
 from retrain.datasets import Dataset, dataset_from_config
 from retrain.registry import Registry, Version, write_examples, write_train_data
+from retrain.trainer import progress_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) 
         work = cached.with_name(cached.name + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        summary = train_bootstrap_adapter(config, dataset, work / "adapter", progress=progress)
+        summary = train_bootstrap_adapter(config, dataset, work / "adapter", progress=progress or progress_reporter(log, "bootstrap"))
         log(f"bootstrap: trained in {summary['wall_seconds']:.0f} s on {summary['device']}, "
             f"final loss {summary['final_loss']:.3f}; building the reference profile")
         build_version_profile(config, work / "adapter", "bootstrap", work / "profile")

@@ -2,7 +2,7 @@
 
 A dataset is a list of ``(text, label)`` pairs per split plus the full label
 set of the classifier head, which may contain labels with no training data yet
-(the demo's head knows all 150 intents and ``oos`` from the start).
+(the demo's head contains all 150 intents and ``oos`` from the start).
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from monitor.config import Config, resolve_model_path
@@ -134,8 +133,8 @@ class RetrainJob:
 
         The profile should describe the traffic the new version will serve, so
         it is built from the production events of the drifted period when
-        there are enough of them; replayed original data is there against
-        forgetting, not as a picture of current traffic.
+        there are enough of them. Replayed original data guards against
+        forgetting and is no picture of current traffic.
         """
         if self.drift_started_at is None:
             return data.train, self.dataset.validation + data.holdout
@@ -267,7 +266,3 @@ def reject_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> d
     store.update_run(run_id, state="rejected")
     store.audit(actor, "run_rejected", run_id=run_id, detail={"comment": comment})
     return store.get_run(run_id)
-
-
-def settings_dict(settings) -> dict:
-    return asdict(settings)

@@ -134,6 +134,24 @@ def validate_adapter_dir(adapter_dir: Path) -> list[str]:
     return labels
 
 
+def load_base_classifier(base_model: str, labels: list[str]):
+    """Load the tokenizer and the base model with a fresh head over ``labels``.
+
+    Raises OSError when the model cannot be found or read; callers wrap it in
+    the error type of their context.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    return tokenizer, model
+
+
 class Classifier:
     """Inference wrapper around a base model with one LoRA adapter version and its head.
 
@@ -178,7 +196,6 @@ class Classifier:
         and ConfigError when the base model or tokenizer cannot be loaded.
         """
         from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         adapter_dir = Path(adapter_dir)
         labels = validate_adapter_dir(adapter_dir)
@@ -190,13 +207,7 @@ class Classifier:
             torch.set_num_threads(num_threads)
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
-            base = AutoModelForSequenceClassification.from_pretrained(
-                base_model,
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={label: index for index, label in enumerate(labels)},
-            )
+            tokenizer, base = load_base_classifier(base_model, labels)
         except OSError as error:
             raise ConfigError(f"base model {base_model!r} could not be loaded: {error}") from error
 

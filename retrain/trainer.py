@@ -215,16 +215,10 @@ def _build_model(
 ):
     """Load tokenizer and base model, then attach a new or warm-started trainable LoRA adapter."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from retrain.model import load_base_classifier
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_model,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: index for index, label in enumerate(labels)},
-        )
+        tokenizer, model = load_base_classifier(base_model, labels)
     except OSError as error:
         raise TrainingError(f"base model {base_model!r} could not be loaded: {error}") from error
 
@@ -543,3 +537,18 @@ def train_adapter(
         label_counts=label_counts,
         data_sha256=data_sha256,
     )
+
+
+def progress_reporter(log: Callable[[str], None], prefix: str) -> Callable[[dict], None]:
+    """Return a ``progress`` callback that writes about ten lines per training run through ``log``."""
+    last_tenth = 0
+
+    def report(progress: dict) -> None:
+        nonlocal last_tenth
+        step, total = progress["step"], progress["total_steps"]
+        tenth = step * 10 // max(total, 1)
+        if tenth > last_tenth:
+            last_tenth = tenth
+            log(f"{prefix}: step {step}/{total}, loss {progress['loss']:.3f}, about {progress['eta_s']:.0f} s left")
+
+    return report

@@ -1,0 +1,136 @@
+"""Retrain data assembly and one whole run on the tiny model: train, canary, approve, promote."""
+
+import pytest
+
+from monitor.config import parse_config
+from monitor.daemon import MonitorDaemon
+from retrain.bootstrap import bootstrap
+from retrain.jobs import approve_run, assemble_training_data, in_holdout, normalise, reject_run
+
+
+def production(n, label="l1", prefix="event"):
+    return [(f"{prefix}-{i}", f"production text number {i}", label) for i in range(n)]
+
+
+def test_holdout_split_is_stable_and_near_fraction():
+    ids = [f"id-{i}" for i in range(5000)]
+    first = [in_holdout(event_id, 0.2) for event_id in ids]
+    assert first == [in_holdout(event_id, 0.2) for event_id in ids]
+    assert 0.17 < sum(first) / len(ids) < 0.23
+
+
+def test_no_text_both_trained_and_judged():
+    events = production(300)
+    # The same text posted twice under different ids must not leak across the split.
+    events += [(f"copy-{i}", text.upper() + "  ", label) for i, (_, text, label) in enumerate(events[:100])]
+    base = [(f"base text {i}", f"l{i % 3}") for i in range(60)]
+    data = assemble_training_data(base, events, replay_per_label=5, holdout_fraction=0.3, seed=0)
+    judged = {normalise(text) for text, _ in data.holdout}
+    trained = {normalise(text) for text, _ in data.train}
+    assert data.holdout
+    assert not judged & trained
+    assert data.duplicates_removed > 0
+
+
+def test_replay_and_cap_per_label():
+    base = [(f"base text {i}", f"l{i % 3}") for i in range(60)]
+    events = production(200, label="oos")
+    data = assemble_training_data(base, events, replay_per_label=4, holdout_fraction=0.2, seed=0, max_per_label=25)
+    assert data.replay == 12
+    assert data.label_counts["oos"] == 25
+    assert data.capped > 0
+    assert all(count <= 25 for count in data.label_counts.values())
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_model_dir, clinc_dir):
+    state = tmp_path_factory.mktemp("jobs-state")
+    raw = {
+        "state_dir": str(state),
+        "approval": "manual",
+        "model": {"base": str(tiny_model_dir), "max_length": 32},
+        "embedding": {"model": str(tiny_model_dir)},
+        "data": {"clinc150": {"domains": ["banking"]}, "per_label_limit": 6},
+        "bootstrap": {"epochs": 1},
+        "monitor": {"window_size": 40, "sample_size": 40, "check_interval_s": 3600},
+        "detectors": {"vocabulary": {"null_windows": 30}, "embedding": {"permutations": 30, "reference_sample": 60}},
+        "retrain": {"replay_per_label": 2, "training": {"epochs": 1}},
+        # The tiny random model cannot improve much; these gates let a run reach approval.
+        "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "max_test_regression": 1.0},
+    }
+    config = parse_config(raw)
+    bootstrap(config, log=lambda message: None)
+    return config
+
+
+def post_labelled_events(daemon, count, offset=0):
+    labels = daemon.labels
+    rows = []
+    for i in range(count):
+        probabilities = [0.0] * len(labels)
+        probabilities[i % len(labels)] = 1.0
+        rows.append({"id": f"job-{offset + i}", "text": f"please move money between accounts {offset + i}",
+                     "probabilities": probabilities, "latency_ms": 5.0})
+    result = daemon.ingest_events({"events": rows})
+    assert not result.errors
+    accepted, errors = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
+    assert accepted == count
+    assert not errors
+
+
+def test_run_waits_for_approval_then_promotes(config):
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    assert daemon.ready, daemon.startup_error
+    try:
+        post_labelled_events(daemon, 60)
+        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+        daemon.job_thread.join(timeout=120)
+        run = daemon.store.get_run(run_id)
+        assert run["state"] == "pending_approval", run["error"]
+        assert run["canary"]["test"]["n"] > 0
+        assert run["canary"]["production"]["n"] > 0
+        assert run["training"]["steps"] > 0
+
+        approve_run(daemon.store, run_id, actor="alice", comment="looks good")
+        daemon.tick()
+        assert daemon.registry.active().name == "v2"
+        assert daemon.active_name == "v2"
+        assert daemon.store.get_run(run_id)["promoted_version"] == "v2"
+        assert (daemon.registry.profile_dir("v2") / "profile.json").is_file()
+        actions = [entry["action"] for entry in daemon.store.audit_log()]
+        for expected in ("retrain_triggered", "run_training", "run_evaluating", "run_approved", "promote"):
+            assert expected in actions
+
+        previous, target = daemon.rollback(None, actor="oncall")
+        assert (previous, target) == ("v2", "v1")
+        assert daemon.active_name == "v1"
+    finally:
+        daemon.stop()
+
+
+def test_reject_and_double_approve(config):
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        post_labelled_events(daemon, 30, offset=1000)
+        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+        daemon.job_thread.join(timeout=120)
+        reject_run(daemon.store, run_id, actor="bob", comment="not now")
+        assert daemon.store.get_run(run_id)["state"] == "rejected"
+        with pytest.raises(Exception, match="only pending_approval"):
+            approve_run(daemon.store, run_id, actor="bob")
+    finally:
+        daemon.stop()
+
+
+def test_restart_marks_interrupted_run_failed(config):
+    daemon = MonitorDaemon(config)
+    daemon.store.create_run("r-interrupted", "training", "v1", {"reason": "test"})
+    daemon.start(background=False)
+    try:
+        run = daemon.store.get_run("r-interrupted")
+        assert run["state"] == "failed"
+        assert "restarted" in run["error"]
+    finally:
+        daemon.stop()

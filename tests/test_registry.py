@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from monitor.cli import main
+from monitor.errors import RegistryError
+from monitor.store import Store
+from retrain.registry import Registry
+
+
+def make_candidate(folder, labels=("a", "b")):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    (folder / "train.jsonl").write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    return folder
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'db.sqlite'}")
+    yield Registry(store, tmp_path / "state")
+    store.close()
+
+
+def test_register_names_are_sequential(registry, tmp_path):
+    first = registry.register(make_candidate(tmp_path / "c1"), parent=None, run_id=None, actor="test")
+    second = registry.register(make_candidate(tmp_path / "c2"), parent="v1", run_id=None, actor="test")
+    assert (first.name, second.name) == ("v1", "v2")
+    assert second.adapter_dir.is_dir()
+    assert not (tmp_path / "c2").exists()
+
+
+def test_incomplete_candidate_rejected(registry, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    with pytest.raises(RegistryError, match="adapter_config.json"):
+        registry.register(folder, parent=None, run_id=None, actor="test")
+
+
+def test_activate_and_rollback(registry, tmp_path):
+    for index in (1, 2, 3):
+        registry.register(make_candidate(tmp_path / f"c{index}"), parent=None, run_id=None, actor="test")
+    registry.activate("v1", actor="test")
+    registry.activate("v3", actor="test", action="promote")
+    assert registry.active().name == "v3"
+    previous, target = registry.rollback(None, actor="oncall")
+    assert (previous, target) == ("v3", "v1")
+    assert registry.active().name == "v1"
+    registry.rollback("v2", actor="oncall")
+    assert registry.active().name == "v2"
+
+
+def test_rollback_errors(registry, tmp_path):
+    with pytest.raises(RegistryError, match="no active version"):
+        registry.rollback(None, actor="oncall")
+    registry.register(make_candidate(tmp_path / "c1"), parent=None, run_id=None, actor="test")
+    registry.activate("v1", actor="test")
+    with pytest.raises(RegistryError, match="no previous version"):
+        registry.rollback(None, actor="oncall")
+    with pytest.raises(RegistryError, match="'v9' not found"):
+        registry.rollback("v9", actor="oncall")
+
+
+def test_names_never_reused_after_folder_removal(registry, tmp_path):
+    registry.register(make_candidate(tmp_path / "c1"), parent=None, run_id=None, actor="test")
+    registry.register(make_candidate(tmp_path / "c2"), parent=None, run_id=None, actor="test")
+    assert registry.register(make_candidate(tmp_path / "c3"), parent=None, run_id=None, actor="test").name == "v3"
+
+
+def test_cli_rollback_and_history(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'driftloop.db'}")
+    registry = Registry(store, tmp_path / "state")
+    for index in (1, 2):
+        registry.register(make_candidate(tmp_path / f"c{index}"), parent=None, run_id=None, actor="test")
+    registry.activate("v1", actor="test")
+    registry.activate("v2", actor="test", action="promote")
+
+    assert main(["rollback", "--config", str(config), "--by", "alice", "--comment", "bad canary"]) == 0
+    assert registry.active().name == "v1"
+    assert main(["history", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "rollback" in output
+    assert "actor=alice" in output
+
+
+def test_cli_approve_unknown_run_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    assert main(["approve", "r-missing", "--config", str(config)]) == 2
+    assert "r-missing" in capsys.readouterr().err
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("monitor:\n  window_size: 1\n")
+    assert main(["versions", "--config", str(config)]) == 2
+    assert "monitor.window_size" in capsys.readouterr().err
