@@ -212,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import warnings
+
     import transformers
+
+    # Deprecation notices from transformers internals are not actionable for users of this CLI.
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     # Model-load reports and progress bars would bury the daemon's own log lines.
     transformers.utils.logging.set_verbosity_error()
