@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -88,7 +89,8 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         if not daemon.ready:
             return not_ready()
         body = await _json_body(request)
-        result = daemon.ingest_events(body)
+        # Store writes and promotions block, so they run off the event loop.
+        result = await run_in_threadpool(daemon.ingest_events, body)
         payload = {
             "accepted": len(result.valid) - len(result.duplicates),
             "duplicates": len(result.duplicates),
@@ -101,7 +103,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         if not daemon.ready:
             return not_ready()
         body = await _json_body(request)
-        accepted, errors = daemon.ingest_labels(body)
+        accepted, errors = await run_in_threadpool(daemon.ingest_labels, body)
         payload = {"accepted": accepted, "rejected": [error.to_dict() for error in errors]}
         return JSONResponse(payload, status_code=422 if errors else 200)
 
@@ -152,7 +154,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         actor = str(body.get("by") or "api")
         try:
             approve_run(daemon.store, run_id, actor=actor, comment=str(body.get("comment", "")))
-            version = daemon.promote(run_id, actor=actor)
+            version = await run_in_threadpool(daemon.promote, run_id, actor)
         except DriftloopError as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         return {"run_id": run_id, "state": "active", "version": version}
@@ -176,8 +178,8 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             return denied
         body = await _decision_body(request)
         try:
-            previous, target = daemon.rollback(body.get("to"), actor=str(body.get("by") or "api"),
-                                               reason=str(body.get("comment", "")))
+            previous, target = await run_in_threadpool(daemon.rollback, body.get("to"), str(body.get("by") or "api"),
+                                                       str(body.get("comment", "")))
         except DriftloopError as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         return {"from": previous, "to": target}

@@ -35,6 +35,8 @@ class Base(DeclarativeBase):
 
 
 class EventRow(Base):
+    # NOTE: events are kept indefinitely; there is no retention job yet, so the
+    # table grows with traffic.
     __tablename__ = "events"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)

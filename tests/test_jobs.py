@@ -134,3 +134,35 @@ def test_restart_marks_interrupted_run_failed(config):
         assert "restarted" in run["error"]
     finally:
         daemon.stop()
+
+
+def test_http_approve_promotes(config, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from monitor.api import create_app
+
+    monkeypatch.setenv("DRIFTLOOP_API_TOKEN", "s3cret")
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        client = TestClient(create_app(daemon))
+        post_labelled_events(daemon, 40, offset=2000)
+        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+        daemon.job_thread.join(timeout=120)
+        assert client.get(f"/v1/retrains/{run_id}").json()["state"] == "pending_approval"
+
+        anonymous = client.post(f"/v1/retrains/{run_id}/approve", json={"comment": "ship it"})
+        assert anonymous.status_code == 401
+        response = client.post(f"/v1/retrains/{run_id}/approve", json={"comment": "ship it", "by": "carol"},
+                               headers={"Authorization": "Bearer s3cret"})
+        assert response.status_code == 200, response.text
+        version = response.json()["version"]
+        assert daemon.registry.active().name == version
+        assert client.get("/v1/versions").json()["active"] == version
+        approvals = [entry for entry in client.get("/v1/audit").json()["entries"] if entry["action"] == "run_approved"]
+        assert approvals[-1]["actor"] == "carol"
+        assert approvals[-1]["detail"]["comment"] == "ship it"
+        again = client.post(f"/v1/retrains/{run_id}/approve", headers={"Authorization": "Bearer s3cret"})
+        assert again.status_code == 409
+    finally:
+        daemon.stop()
