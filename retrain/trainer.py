@@ -462,6 +462,7 @@ def train_adapter(
             raise TrainingError(f"init_adapter cannot be used: {error}") from error
 
     device, autocast_dtype = resolve_device(settings.device)
+    # NOTE: the CUDA and bf16 autocast path has not run on a GPU yet; only the CPU path is tested.
     # fp16 training would need a GradScaler, so CUDA without bf16 trains in fp32.
     if device.type != "cuda" or autocast_dtype != torch.bfloat16:
         autocast_dtype = None
