@@ -1,0 +1,78 @@
+"""The shipped Grafana dashboard queries only metrics that driftloop exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from monitor.metrics import MonitorMetrics
+from retrain.emitter import EventEmitter
+from retrain.server import ServerMetrics
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+METRIC_NAME = re.compile(r"\bdriftloop_[a-z0-9_]+")
+SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "info": ("_info",),
+}
+
+
+def exported_sample_names() -> set[str]:
+    """Sample names of the monitor's, the server's and the emitter's registries."""
+    monitor = MonitorMetrics()
+    monitor.active_version.info({"version": "v1"})
+    server_registry = CollectorRegistry()
+    server = ServerMetrics.register(server_registry)
+    server.active_version.info({"version": "v1"})
+    emitter = EventEmitter(None, registry=server_registry)
+    names = set()
+    for registry in (monitor.registry, server_registry, emitter.registry):
+        for metric in registry.collect():
+            # A labelled metric has no samples until its first child is set.
+            suffixes = SAMPLE_SUFFIXES.get(metric.type, ("",))
+            names.update(metric.name + suffix for suffix in suffixes)
+            names.update(sample.name for sample in metric.samples)
+    return names
+
+
+def dashboard_queries(path: Path) -> list[tuple[str, str]]:
+    """(panel title, expression) of every target in a dashboard file."""
+    dashboard = json.loads(path.read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            queries.append((panel["title"], target["expr"]))
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") == "query":
+            queries.append((f"variable {variable['name']}", variable["query"]))
+    return queries
+
+
+def test_every_dashboard_metric_is_exported():
+    exported = exported_sample_names()
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert files, f"no dashboards in {DASHBOARDS}"
+    for path in files:
+        queries = dashboard_queries(path)
+        assert queries, f"{path.name} has no queries"
+        for title, expr in queries:
+            names = METRIC_NAME.findall(expr)
+            assert names, f"{path.name}: panel {title!r} queries no driftloop metric: {expr}"
+            unknown = sorted(set(names) - exported)
+            assert not unknown, f"{path.name}: panel {title!r} queries {unknown}, which driftloop does not export"
+
+
+def test_panels_do_not_overlap():
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        cells: dict[tuple[int, int], str] = {}
+        for panel in json.loads(path.read_text())["panels"]:
+            grid = panel["gridPos"]
+            for x in range(grid["x"], grid["x"] + grid["w"]):
+                for y in range(grid["y"], grid["y"] + grid["h"]):
+                    assert (x, y) not in cells, f"{path.name}: {panel['title']!r} overlaps {cells[(x, y)]!r}"
+                    cells[(x, y)] = panel["title"]
+            assert grid["x"] + grid["w"] <= 24, f"{path.name}: {panel['title']!r} is wider than the grid"
