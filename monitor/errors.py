@@ -27,3 +27,7 @@ class TrainingError(DriftloopError):
 
 class RegistryError(DriftloopError):
     """An adapter version is missing, duplicated or incomplete."""
+
+
+class NotFoundError(DriftloopError):
+    """A retrain run or other named record does not exist."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from monitor.detectors.confidence import ConfidenceDetector
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
+from monitor.config import P_VALUE_SIGNALS, SIGNALS, min_resamples
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
 from monitor.reference import ReferenceProfile, tokenize_counts
@@ -30,9 +30,6 @@ from monitor.sampling import WindowSampler
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
-# Signals decided by a p-value. The Bonferroni correction divides alpha among these.
-P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding")
 
 
 @dataclass(frozen=True)
@@ -87,8 +84,9 @@ class WindowEvaluator:
     signal drifts.
 
     ``vocabulary_null_windows`` and ``mmd_permutations`` are raised, with a logged
-    warning, to at least ``ceil(2 / (alpha / k))``, because a resampling p-value
-    cannot fall below ``1 / (B + 1)``. The defaults (alpha 0.01, k = 3) need 600.
+    warning, to at least ``min_resamples(alpha, enabled_signals)``, because a
+    resampling p-value cannot fall below ``1 / (B + 1)``. A loaded config is
+    already checked against that minimum; the raise guards direct callers.
     """
 
     def __init__(
@@ -153,14 +151,8 @@ class WindowEvaluator:
         self.detectors = {name: factories[name]().fit(profile) for name in self.enabled_signals}
 
     def _enough_resamples(self, name: str, requested: int) -> int:
-        """Return ``requested``, or ``ceil(2 / adjusted_alpha)`` resamples when that is larger.
-
-        A resampling p-value is at least 1 / (B + 1). With alpha = 0.01 split over three
-        signals and B = 200 that minimum (0.005) exceeds 0.0033, and the test could
-        never flag drift. The raised count puts the minimum below half the adjusted alpha.
-        """
-        # The 1e-9 stops rounding error in an exact quotient such as 600 from raising it to 601.
-        needed = math.ceil(2.0 / self.adjusted_alpha - 1e-9)
+        """Return ``requested``, or the minimum from ``min_resamples`` when that is larger."""
+        needed = min_resamples(self.alpha, self.enabled_signals)
         if not isinstance(requested, int) or requested >= needed:
             return requested
         logger.warning(

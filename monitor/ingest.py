@@ -15,6 +15,8 @@ from typing import Any
 
 MAX_ID_CHARS = 128
 PROBABILITY_SUM_TOLERANCE = 1e-3
+# Event clocks may run ahead of the monitor's by this much; later timestamps are rejected.
+MAX_CLOCK_SKEW_S = 24 * 3600
 
 
 @dataclass
@@ -76,19 +78,27 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _parse_timestamp(value: Any) -> float:
+def _parse_timestamp(value: Any, now: float) -> float:
     if value is None:
-        return time.time()
+        return now
     if _finite_number(value):
         if value < 0:
             raise ValueError("must be unix seconds >= 0 or an ISO 8601 string")
-        return float(value)
-    if isinstance(value, str):
+        timestamp = float(value)
+    elif isinstance(value, str):
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise ValueError("not an ISO 8601 date-time") from None
-    raise ValueError("must be unix seconds or an ISO 8601 string")
+        if parsed.tzinfo is None:
+            raise ValueError("ISO 8601 date-time without a time zone; add 'Z' or an offset such as '+00:00'")
+        timestamp = parsed.timestamp()
+    else:
+        raise ValueError("must be unix seconds or an ISO 8601 string")
+    if timestamp > now + MAX_CLOCK_SKEW_S:
+        hint = "; it looks like milliseconds, send seconds" if timestamp > now * 100 else ""
+        raise ValueError(f"is more than {MAX_CLOCK_SKEW_S // 3600} hours in the future{hint}")
+    return timestamp
 
 
 def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_text_chars: int) -> dict[str, Any]:
@@ -106,8 +116,9 @@ def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_
     if len(text) > max_text_chars:
         raise _Invalid("text", f"{len(text)} characters", f"longer than the {max_text_chars}-character limit")
 
+    now = time.time()
     try:
-        timestamp = _parse_timestamp(item.get("timestamp"))
+        timestamp = _parse_timestamp(item.get("timestamp"), now)
     except ValueError as exc:
         raise _Invalid("timestamp", item.get("timestamp"), str(exc)) from None
 
@@ -135,7 +146,7 @@ def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_
     return {
         "id": event_id,
         "timestamp": timestamp,
-        "received_at": time.time(),
+        "received_at": now,
         "text": text,
         "predicted_label": label,
         "confidence": float(confidence),
@@ -193,23 +204,42 @@ def validate_events(body: Any, labels: list[str], *, max_items: int, max_text_ch
     return result
 
 
-def validate_labels(body: Any, labels: list[str], *, max_items: int) -> tuple[dict[str, str], list[ItemError]]:
-    """Return ({event id: label}, errors); unknown event ids are checked by the caller."""
+@dataclass
+class LabelResult:
+    """Outcome of one POST /v1/labels: valid labels by event id, their positions, and errors."""
+
+    valid: dict[str, str] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    errors: list[ItemError] = field(default_factory=list)
+    # Set by the daemon: labels attached to stored events, and labels waiting for their events.
+    accepted: int = 0
+    pending: int = 0
+
+
+def validate_labels(body: Any, labels: list[str], *, max_items: int) -> LabelResult:
+    """Check each label item. Whether the event ids exist is checked by the caller.
+
+    A repeated id in one batch keeps its last label, as a later correction would.
+    """
     items = _items(body, "labels", max_items)
     known = set(labels)
-    valid: dict[str, str] = {}
-    errors: list[ItemError] = []
+    result = LabelResult()
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            errors.append(ItemError(index, f"labels[{index}]", type(item).__name__, "expected a JSON object"))
+            result.errors.append(ItemError(index, f"labels[{index}]", type(item).__name__, "expected a JSON object"))
             continue
         event_id, label = item.get("id"), item.get("label")
-        if not isinstance(event_id, str) or not event_id.strip():
-            errors.append(ItemError(index, f"labels[{index}].id", event_id, "must be a non-empty string"))
+        if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > MAX_ID_CHARS:
+            result.errors.append(ItemError(index, f"labels[{index}].id", event_id,
+                                           f"must be a non-empty string of at most {MAX_ID_CHARS} characters"))
+            continue
+        if label is None:
+            result.errors.append(ItemError(index, f"labels[{index}].label", None, "missing field 'label'", event_id))
             continue
         if not isinstance(label, str) or label not in known:
-            errors.append(ItemError(index, f"labels[{index}].label", label,
-                                    f"unknown label; the active version has {len(labels)} labels", event_id))
+            result.errors.append(ItemError(index, f"labels[{index}].label", label,
+                                           f"unknown label; the active version has {len(labels)} labels", event_id))
             continue
-        valid[event_id] = label
-    return valid, errors
+        result.valid[event_id] = label
+        result.positions[event_id] = index
+    return result

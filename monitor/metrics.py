@@ -16,6 +16,7 @@ RUN_STATES = (
     "active",
     "rejected_by_gate",
     "rejected",
+    "rolled_back",
     "failed",
 )
 
@@ -32,7 +33,9 @@ class MonitorMetrics:
         self.events_rejected = Counter("driftloop_events_rejected_total", "Prediction events rejected as invalid.", registry=r)
         self.events_duplicate = Counter("driftloop_events_duplicate_total", "Prediction events ignored because their id was already stored.", registry=r)
         self.labels_received = Counter("driftloop_labels_received_total", "Delayed ground-truth labels accepted.", registry=r)
-        self.labels_rejected = Counter("driftloop_labels_rejected_total", "Delayed labels rejected (unknown id or label).", registry=r)
+        self.labels_rejected = Counter("driftloop_labels_rejected_total", "Delayed labels rejected (invalid item, unknown label, or pending queue full).", registry=r)
+        self.labels_pending = Gauge("driftloop_labels_pending", "Labels that arrived before their events and wait for them.", registry=r)
+        self.labels_expired = Counter("driftloop_labels_expired_total", "Pending labels dropped because their event never arrived.", registry=r)
         self.windows_dropped = Counter("driftloop_windows_dropped_total", "Closed windows dropped because evaluation fell behind.", registry=r)
 
         self.window_events = Gauge("driftloop_window_events", "Events in the window being filled.", registry=r)

@@ -41,12 +41,16 @@ def build_version_profile(config: Config, adapter_dir: Path, version: str, targe
     validation = read_examples(folder / "validation.jsonl")
     val_texts = [text for text, _ in validation]
     probabilities = classifier.predict_proba(val_texts)
+    predicted = [classifier.labels[index] for index in probabilities.argmax(axis=1)] if len(val_texts) else []
+    correct = sum(label == gold for label, (_, gold) in zip(predicted, validation))
+    validation_accuracy = correct / len(validation) if validation else None
     profile = build_reference(
         train_texts, val_texts, probabilities, classifier.labels, classifier.tokenizer, embedder,
         max_length=config.model.max_length,
         embedding_sample=max(config.detectors.embedding.reference_sample * 2, 1000),
         seed=config.detectors.seed,
-        meta={"version": version, "model": config.model.base, "embedding_model": config.embedding.model},
+        meta={"version": version, "model": config.model.base, "embedding_model": config.embedding.model,
+              "validation_accuracy": validation_accuracy},
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

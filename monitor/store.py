@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -50,6 +51,16 @@ class EventRow(Base):
     window_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     true_label: Mapped[str | None] = mapped_column(String(256), nullable=True)
     labelled_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
+class PendingLabelRow(Base):
+    """A delayed label that arrived before its event; applied when the event is stored."""
+
+    __tablename__ = "pending_labels"
+
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    label: Mapped[str] = mapped_column(String(256))
+    received_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class WindowRow(Base):
@@ -148,21 +159,53 @@ class Store:
 
     # Events and labels
 
-    def insert_events(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[str]]:
-        """Insert events; return (inserted count, ids that already existed)."""
+    def insert_events(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[str], int]:
+        """Insert events and attach their pending labels.
+
+        Returns (inserted count, ids that already existed, pending labels applied).
+        """
         rows = list(rows)
         if not rows:
-            return 0, []
+            return 0, [], 0
         ids = [row["id"] for row in rows]
         with self.session() as session:
             existing = set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
-            fresh = [row for row in rows if row["id"] not in existing]
+            fresh = [dict(row) for row in rows if row["id"] not in existing]
+            pending = {
+                item.event_id: item
+                for item in session.scalars(
+                    select(PendingLabelRow).where(PendingLabelRow.event_id.in_([row["id"] for row in fresh]))
+                )
+            }
+            for row in fresh:
+                item = pending.get(row["id"])
+                if item is not None:
+                    row["true_label"] = item.label
+                    row["labelled_at"] = item.received_at
+                    session.delete(item)
             session.add_all(EventRow(**row) for row in fresh)
-        return len(fresh), sorted(existing)
+        return len(fresh), sorted(existing), len(pending)
 
     def known_event_ids(self, ids: list[str]) -> set[str]:
         with self.session() as session:
             return set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
+
+    def add_pending_labels(self, labels: dict[str, str]) -> None:
+        """Keep labels whose events have not arrived; a later label for the same id replaces the earlier."""
+        now = time.time()
+        with self.session() as session:
+            for event_id, label in labels.items():
+                session.merge(PendingLabelRow(event_id=event_id, label=label, received_at=now))
+
+    def count_pending_labels(self) -> int:
+        with self.session() as session:
+            return int(session.scalar(select(func.count()).select_from(PendingLabelRow)) or 0)
+
+    def expire_pending_labels(self, older_than: float) -> int:
+        """Delete pending labels received before ``older_than``; return how many."""
+        with self.session() as session:
+            result = session.execute(delete(PendingLabelRow).where(PendingLabelRow.received_at < older_than))
+            return int(result.rowcount or 0)
 
     def set_labels(self, labels: dict[str, str]) -> int:
         now = time.time()
@@ -286,11 +329,15 @@ class Store:
         with self.session() as own:
             own.add(row)
 
-    def audit_log(self, since_id: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+    def audit_log(self, since_id: int = 0, limit: int = 200, latest: bool = False) -> list[dict[str, Any]]:
+        """Return audit entries oldest first: the first ``limit`` after ``since_id``, or the last ``limit``."""
         with self.session() as session:
-            rows = session.scalars(
-                select(AuditRow).where(AuditRow.id > since_id).order_by(AuditRow.id).limit(limit)
-            ).all()
+            query = select(AuditRow).where(AuditRow.id > since_id)
+            if latest:
+                query = query.order_by(AuditRow.id.desc()).limit(limit)
+            else:
+                query = query.order_by(AuditRow.id).limit(limit)
+            rows = sorted(session.scalars(query).all(), key=lambda row: row.id)
             return [
                 {
                     "id": row.id,

@@ -17,6 +17,7 @@ from pathlib import Path
 from monitor.config import Config, resolve_model_path
 from monitor.errors import RegistryError
 from monitor.profiles import build_version_profile
+from monitor.reference import ReferenceProfile
 from monitor.store import Store
 from retrain.datasets import Dataset, dataset_from_config
 from retrain.registry import Registry, Version, write_examples, write_train_data
@@ -52,6 +53,24 @@ def train_bootstrap_adapter(config: Config, dataset: Dataset, target: Path, prog
     write_examples(target / "validation.jsonl", dataset.validation)
     return {"steps": result.steps, "wall_seconds": result.wall_seconds, "final_loss": result.final_loss,
             "device": result.device, "precision": result.precision}
+
+
+# A heuristic: below this validation accuracy the first adapter is probably undertrained.
+UNDERFIT_ACCURACY = 0.5
+
+
+def describe_fit(profile: ReferenceProfile) -> str:
+    """Summarise the validation fit of a profile, with a warning when it looks undertrained."""
+    accuracy = profile.meta.get("validation_accuracy")
+    confidence = float(profile.val_confidences.mean()) if len(profile.val_confidences) else float("nan")
+    if accuracy is None:
+        return f"mean validation confidence {confidence:.2f} (no validation labels)"
+    summary = f"validation accuracy {accuracy:.3f}, mean confidence {confidence:.2f}"
+    if accuracy < UNDERFIT_ACCURACY:
+        summary += (f". WARNING: the adapter looks undertrained (accuracy below {UNDERFIT_ACCURACY}); drift "
+                    "tests against it mean little. Raise bootstrap.epochs or bootstrap.learning_rate, "
+                    "or check the labels, then run `driftloop bootstrap --force`")
+    return summary
 
 
 def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) -> Version:
@@ -91,6 +110,6 @@ def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) 
         raise RegistryError(f"profile folder {profile_target} already exists for new version {version.name}")
     shutil.copytree(cached / "profile", profile_target)
     registry.activate(version.name, actor="bootstrap", action="activate")
-    log(f"bootstrap: version {version.name} is active")
+    log(f"bootstrap: version {version.name} is active; {describe_fit(ReferenceProfile.load(profile_target))}")
     store.close()
     return version

@@ -259,6 +259,10 @@ def dataset_from_config(config) -> Dataset:
         return clinc150_dataset(load_clinc150(), data.clinc150.domains, data.per_label_limit, data.seed)
     if not data.train_path:
         raise DataError("data.train_path: missing; it is required when data.source is 'files'")
+    for key in ("train_path", "validation_path", "test_path"):
+        value = getattr(data, key)
+        if value and not config.resolve_path(value).is_file():
+            raise DataError(f"data.{key}: file not found: {config.resolve_path(value)} (value {value!r})")
     return files_dataset(
         config.resolve_path(data.train_path),
         config.resolve_path(data.validation_path) if data.validation_path else None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from monitor.config import Config, resolve_model_path
-from monitor.errors import DriftloopError
+from monitor.errors import DriftloopError, NotFoundError
 from monitor.store import Store
 from retrain.datasets import Dataset, Example, cap_per_label
 from retrain.registry import Registry, Version, read_train_data, write_examples, write_train_data
@@ -249,7 +249,7 @@ def approve_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> 
     """Mark a pending run approved; the daemon promotes it on its next check."""
     run = store.get_run(run_id)
     if run is None:
-        raise DriftloopError(f"retrain run {run_id!r} not found")
+        raise NotFoundError(f"retrain run {run_id!r} not found")
     if run["state"] != "pending_approval":
         raise DriftloopError(f"retrain run {run_id} is {run['state']}, only pending_approval runs can be approved")
     store.update_run(run_id, state="approved")
@@ -260,7 +260,7 @@ def approve_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> 
 def reject_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
     run = store.get_run(run_id)
     if run is None:
-        raise DriftloopError(f"retrain run {run_id!r} not found")
+        raise NotFoundError(f"retrain run {run_id!r} not found")
     if run["state"] not in ("pending_approval", "approved"):
         raise DriftloopError(f"retrain run {run_id} is {run['state']}, only pending or approved runs can be rejected")
     store.update_run(run_id, state="rejected")

@@ -157,32 +157,57 @@ class Registry:
         logger.info("%s: active version %s -> %s by %s", action, previous, name, actor)
         return previous
 
-    def previous_active(self) -> str | None:
-        """Return the version that was active before the current one, from the audit log."""
-        current = self.active()
+    def activation_stack(self) -> list[str]:
+        """Return the versions a rollback can step back through, oldest first; the last is active.
+
+        The audit log is replayed like an undo history: an activation or promotion pushes
+        its version, and a rollback to a version on the stack pops everything above it.
+        A rollback to a version not on the stack (``--to`` a newer one) pushes it.
+        """
         with self.store.session() as session:
             rows = session.execute(
-                select(AuditRow.version, AuditRow.detail)
+                select(AuditRow.action, AuditRow.version)
                 .where(AuditRow.action.in_(["activate", "promote", "rollback"]))
-                .order_by(AuditRow.id.desc())
+                .order_by(AuditRow.id)
             ).all()
-        for version, detail in rows:
-            if current is not None and version == current.name:
-                previous = json.loads(detail).get("previous")
-                if previous:
-                    return previous
-        return current.parent if current else None
+        stack: list[str] = []
+        for action, version in rows:
+            if action == "rollback" and version in stack:
+                del stack[stack.index(version) + 1:]
+            elif not stack or stack[-1] != version:
+                stack.append(version)
+        return stack
+
+    def previous_active(self) -> str | None:
+        """Return the version a rollback goes to by default: the one below the active version."""
+        current = self.active()
+        if current is None:
+            return None
+        stack = self.activation_stack()
+        if stack and stack[-1] == current.name:
+            return stack[-2] if len(stack) > 1 else None
+        # The pointer was set without an audit entry; fall back to the lineage.
+        return current.parent
 
     def rollback(self, to: str | None, *, actor: str, reason: str = "") -> tuple[str | None, str]:
-        """Activate ``to`` (default: the previously active version); return (from, to)."""
+        """Activate ``to`` (default: the version active before the current one); return (from, to).
+
+        Repeated rollbacks keep stepping back, because a version that was rolled back from
+        leaves the history. The runs of both versions follow: the one left becomes
+        ``rolled_back`` and the one activated ``active``.
+        """
         current = self.active()
         if current is None:
             raise RegistryError("no active version to roll back from")
         target = to or self.previous_active()
         if target is None:
-            raise RegistryError(f"version {current.name} has no previous version; pass --to VERSION")
+            raise RegistryError(f"version {current.name} has no earlier version to roll back to; pass --to VERSION")
         if target == current.name:
             raise RegistryError(f"version {target} is already active")
-        self.get(target)
+        target_version = self.get(target)
         self.activate(target, actor=actor, action="rollback", detail={"reason": reason})
+        if current.run_id:
+            self.store.update_run(current.run_id, state="rolled_back")
+        if target_version.run_id:
+            self.store.update_run(target_version.run_id, state="active")
         return current.name, target

@@ -521,7 +521,7 @@ def create_app(
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return reject(422, OUTCOME_INVALID, [f"body: invalid JSON: {exc}"])
+            return reject(400, OUTCOME_INVALID, [f"body: invalid JSON: {exc}"])
         try:
             texts, return_probabilities = parse_classify_request(
                 body, max_batch=max_batch, max_text_chars=max_text_chars

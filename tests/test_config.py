@@ -28,8 +28,17 @@ def test_defaults_without_file():
         ({"detectors": {"enabled": ["colour"]}}, "detectors.enabled", "colour"),
         ({"retrain": {"training": {"learning_rate": -1}}}, "retrain.training.learning_rate", "-1"),
         ({"monitor": {"windowsize": 100}}, "monitor.windowsize", "100"),
+        ({"server": {"monitor_url": "localhost 18181"}}, "server.monitor_url", "'localhost 18181'"),
+        ({"monitor": {"window_size": 60, "sample_size": 60}, "detectors": {"min_samples": 200}},
+         "detectors.min_samples", "200"),
+        ({"server": {"port": 9000}, "monitor": {"port": 9000}}, "server.port", "9000"),
+        ({"detectors": {"embedding": {"permutations": 200}}}, "detectors.embedding.permutations", "at least 600"),
+        ({"detectors": {"alpha": 0.001, "vocabulary": {"null_windows": 600}}},
+         "detectors.vocabulary.null_windows", "at least 6000"),
     ],
-    ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key"],
+    ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
+         "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
+         "too-few-null-windows"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:
@@ -57,3 +66,13 @@ def test_relative_paths_follow_config_file(tmp_path):
     path.write_text("state_dir: state\n")
     config = load_config(path)
     assert config.state_path == path.parent / "state"
+
+
+def test_fewer_signals_need_fewer_resamples():
+    config = parse_config({"detectors": {"enabled": ["embedding", "confidence"],
+                                         "embedding": {"permutations": 200}}})
+    assert config.detectors.embedding.permutations == 200
+
+
+def test_monitor_url_may_be_null():
+    assert parse_config({"server": {"monitor_url": None}}).server.monitor_url is None

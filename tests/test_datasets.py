@@ -2,11 +2,13 @@ import json
 
 import pytest
 
+from monitor.config import parse_config
 from monitor.errors import DataError
 from retrain.datasets import (
     CLINC150_FILES,
     cap_per_label,
     clinc150_dataset,
+    dataset_from_config,
     files_dataset,
     load_clinc150,
     load_labelled_file,
@@ -102,3 +104,15 @@ def test_cap_per_label_is_seeded():
     assert first == second
     assert len(first[0]) == 6
     assert len(first[1]) == 14
+
+
+def test_missing_data_file_names_key(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"text": "hello", "label": "greet"}) + "\n")
+    config = parse_config({"data": {"source": "files", "train_path": str(train),
+                                    "validation_path": "missing-val.jsonl"}}, base_dir=tmp_path)
+    with pytest.raises(DataError) as caught:
+        dataset_from_config(config)
+    message = str(caught.value)
+    assert message.startswith("data.validation_path: file not found")
+    assert "'missing-val.jsonl'" in message

@@ -53,7 +53,7 @@ def config(tmp_path_factory, tiny_model_dir, clinc_dir):
         "data": {"clinc150": {"domains": ["banking"]}, "per_label_limit": 6},
         "bootstrap": {"epochs": 1},
         "monitor": {"window_size": 40, "sample_size": 40, "check_interval_s": 3600},
-        "detectors": {"vocabulary": {"null_windows": 30}, "embedding": {"permutations": 30, "reference_sample": 60}},
+        "detectors": {"embedding": {"reference_sample": 60}},
         "retrain": {"replay_per_label": 2, "training": {"epochs": 1}},
         # The tiny random model cannot improve much; these gates let a run reach approval.
         "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "max_test_regression": 1.0},
@@ -73,9 +73,9 @@ def post_labelled_events(daemon, count, offset=0):
                      "probabilities": probabilities, "latency_ms": 5.0})
     result = daemon.ingest_events({"events": rows})
     assert not result.errors
-    accepted, errors = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
-    assert accepted == count
-    assert not errors
+    labelled = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
+    assert labelled.accepted == count
+    assert not labelled.errors
 
 
 def test_run_waits_for_approval_then_promotes(config):

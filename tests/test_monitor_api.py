@@ -23,7 +23,7 @@ def config(tmp_path_factory, tiny_model_dir, clinc_dir):
         "data": {"clinc150": {"domains": ["banking", "travel"]}, "per_label_limit": 5},
         "bootstrap": {"epochs": 1},
         "monitor": {"window_size": 40, "sample_size": 40, "check_interval_s": 3600, "max_batch": 50},
-        "detectors": {"vocabulary": {"null_windows": 30}, "embedding": {"permutations": 30, "reference_sample": 60}},
+        "detectors": {"embedding": {"reference_sample": 60}},
     }
     config = parse_config(raw)
     bootstrap(config, log=lambda message: None)
@@ -173,17 +173,95 @@ def test_labels_bad_items(client, daemon):
     client.post("/v1/events", json={"events": [event]})
     response = client.post("/v1/labels", json={"labels": [
         {"id": event["id"], "label": "not_a_label"},
-        {"id": "never-posted", "label": daemon.labels[0]},
+        {"id": event["id"]},
+        {"id": "", "label": daemon.labels[0]},
         {"id": event["id"], "label": daemon.labels[1]},
     ]})
     assert response.status_code == 422
     payload = response.json()
     assert payload["accepted"] == 1
-    fields = sorted(error["field"] for error in payload["rejected"])
-    assert fields == ["labels[0].label", "labels[].id"]
-    values = {error["value"] for error in payload["rejected"]}
-    assert "not_a_label" in values
-    assert "never-posted" in values
+    assert payload["pending"] == 0
+    errors = {error["field"]: error for error in payload["rejected"]}
+    assert sorted(errors) == ["labels[0].label", "labels[1].label", "labels[2].id"]
+    assert errors["labels[0].label"]["value"] == "not_a_label"
+    assert "unknown label" in errors["labels[0].label"]["error"]
+    assert errors["labels[1].label"]["error"] == "missing field 'label'"
+    assert errors["labels[2].id"]["index"] == 2
+
+
+def test_label_before_event_waits_for_it(client, daemon):
+    event = make_event(daemon, 2200)
+    labelled_before = daemon.store.count_labelled()
+    early = client.post("/v1/labels", json={"labels": [{"id": event["id"], "label": daemon.labels[2]}]})
+    assert early.status_code == 200
+    assert early.json() == {"accepted": 0, "pending": 1, "rejected": []}
+    assert "driftloop_labels_pending 1.0" in client.get("/metrics").text
+
+    assert client.post("/v1/events", json={"events": [event]}).status_code == 200
+    assert daemon.store.count_labelled() == labelled_before + 1
+    assert daemon.store.count_pending_labels() == 0
+    assert "driftloop_labels_pending 0.0" in client.get("/metrics").text
+
+
+def test_pending_labels_expire(client, daemon):
+    client.post("/v1/labels", json={"labels": [{"id": "never-posted-2300", "label": daemon.labels[0]}]})
+    waiting = daemon.store.count_pending_labels()
+    assert waiting >= 1
+    daemon.config = daemon.config.model_copy(
+        update={"monitor": daemon.config.monitor.model_copy(update={"pending_label_ttl_s": 1e-6})}
+    )
+    daemon.tick()
+    assert daemon.store.count_pending_labels() == 0
+    assert f"driftloop_labels_expired_total {float(waiting)}" in client.get("/metrics").text
+
+
+def test_pending_label_queue_limit(client, daemon):
+    daemon.config = daemon.config.model_copy(
+        update={"monitor": daemon.config.monitor.model_copy(update={"max_pending_labels": 1})}
+    )
+    response = client.post("/v1/labels", json={"labels": [
+        {"id": "early-2400", "label": daemon.labels[0]},
+        {"id": "early-2401", "label": daemon.labels[0]},
+    ]})
+    assert response.status_code == 422
+    payload = response.json()
+    assert payload["pending"] == 1
+    assert len(payload["rejected"]) == 1
+    rejected = payload["rejected"][0]
+    assert rejected["field"] == "labels[1].id"
+    assert rejected["value"] == "early-2401"
+    assert "monitor.max_pending_labels" in rejected["error"]
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "timestamp, message",
+    [
+        (1_733_300_000_000, "looks like milliseconds"),
+        ("2024-12-04T10:00:00", "without a time zone"),
+    ],
+    ids=["milliseconds", "naive-iso"],
+)
+def test_implausible_timestamp_rejected(client, daemon, timestamp, message):
+    response = client.post("/v1/events", json={"events": [make_event(daemon, 2500, timestamp=timestamp)]})
+    assert response.status_code == 422
+    rejected = response.json()["rejected"][0]
+    assert rejected["field"] == "events[0].timestamp"
+    assert rejected["value"] == timestamp
+    assert message in rejected["error"]
+
+
+def test_window_closes_at_exact_size(client, daemon):
+    events = [make_event(daemon, 2600 + i) for i in range(50)]
+    assert client.post("/v1/events", json={"events": events}).status_code == 200
+    assert len(daemon.pending) == 1
+    closed = daemon.pending[0]
+    assert closed.sampler.count == 40
+    assert daemon.window.sampler.count == 10
+    daemon.tick()
+    windows = client.get("/v1/windows").json()["windows"]
+    assert windows[0]["window_id"] == closed.id
+    assert windows[0]["n_events"] == 40
 
 
 def test_window_closes_and_is_evaluated(client, daemon):
@@ -210,11 +288,21 @@ def test_write_endpoints_need_token(client):
 def test_approve_unknown_run_with_token(client):
     response = client.post("/v1/retrains/nope/approve", json={"comment": "ok"},
                            headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code == 409
+    assert response.status_code == 404
     assert "not found" in response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/retrains/nope/approve", "/v1/retrains/nope/reject", "/v1/rollback"])
+def test_decision_with_invalid_json(client, path):
+    response = client.post(path, content=b'{"by": "ml-owner",',
+                           headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["field"] == "body"
+    assert "invalid JSON" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200
 
 
 def test_rollback_without_previous_version(client):
     response = client.post("/v1/rollback", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 409
-    assert "no previous version" in response.json()["error"]
+    assert "no earlier version" in response.json()["error"]

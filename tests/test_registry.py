@@ -56,10 +56,35 @@ def test_rollback_errors(registry, tmp_path):
         registry.rollback(None, actor="oncall")
     registry.register(make_candidate(tmp_path / "c1"), parent=None, run_id=None, actor="test")
     registry.activate("v1", actor="test")
-    with pytest.raises(RegistryError, match="no previous version"):
+    with pytest.raises(RegistryError, match="no earlier version"):
         registry.rollback(None, actor="oncall")
     with pytest.raises(RegistryError, match="'v9' not found"):
         registry.rollback("v9", actor="oncall")
+
+
+def test_repeated_rollback_steps_back(registry, tmp_path):
+    store = registry.store
+    for index in (1, 2, 3):
+        run_id = f"r{index}"
+        store.create_run(run_id, "active", base_version=None, trigger={})
+        registry.register(make_candidate(tmp_path / f"c{index}"), parent=None, run_id=run_id, actor="test")
+    registry.activate("v1", actor="test")
+    registry.activate("v2", actor="test", action="promote")
+    registry.activate("v3", actor="test", action="promote")
+
+    assert registry.rollback(None, actor="oncall") == ("v3", "v2")
+    assert store.get_run("r3")["state"] == "rolled_back"
+    assert store.get_run("r2")["state"] == "active"
+    # A second rollback keeps going back; it never returns to the version just left.
+    assert registry.rollback(None, actor="oncall") == ("v2", "v1")
+    assert store.get_run("r2")["state"] == "rolled_back"
+    with pytest.raises(RegistryError, match="v1 has no earlier version"):
+        registry.rollback(None, actor="oncall")
+
+    # An explicit --to a newer version goes on top of the history.
+    assert registry.rollback("v3", actor="oncall") == ("v1", "v3")
+    assert store.get_run("r3")["state"] == "active"
+    assert registry.rollback(None, actor="oncall") == ("v3", "v1")
 
 
 def test_names_never_reused_after_folder_removal(registry, tmp_path):
@@ -84,6 +109,13 @@ def test_cli_rollback_and_history(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "rollback" in output
     assert "actor=alice" in output
+
+    # --limit keeps the latest entries, printed oldest first.
+    assert main(["history", "--config", str(config), "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert " promote " in lines[0]
+    assert " rollback " in lines[1]
 
 
 def test_cli_approve_unknown_run_exits_2(tmp_path, capsys):

@@ -193,7 +193,7 @@ def test_classify_rejects_invalid_json(client):
         "/v1/classify", content=b'{"texts": [', headers={"content-type": "application/json"}
     )
 
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["detail"][0].startswith("body: invalid JSON")
 
 
