@@ -4,7 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export DRIFTLOOP_DATA ?= $(abspath ../shared/data)
+# CLINC150 from ../shared/data when it is there; otherwise the loader downloads it once.
+ifeq ($(origin DRIFTLOOP_DATA), undefined)
+ifneq ($(wildcard ../shared/data/clinc150/data_full.json),)
+export DRIFTLOOP_DATA := $(abspath ../shared/data)
+endif
+endif
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
