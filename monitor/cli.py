@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -29,10 +30,18 @@ def _config(args) -> Config:
     return load_config(path)
 
 
-def _open_registry(config: Config):
+def _open_registry(config: Config, *, create: bool = False):
+    """Open the store and registry; unless ``create``, a missing SQLite database is an error."""
     from monitor.store import Store
     from retrain.registry import Registry
 
+    if not create and config.db_url.startswith("sqlite:///"):
+        database = Path(config.db_url.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise DriftloopError(
+                f"no driftloop state at {database}; pass the config of a bootstrapped deployment with "
+                "--config, or run `driftloop bootstrap` first"
+            )
     store = Store(config.db_url)
     return store, Registry(store, config.state_path)
 
@@ -61,18 +70,31 @@ def _listen(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
-def _serve(app, sock: socket.socket, name: str) -> None:
-    import uvicorn
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
+
+def _serve(server, sock: socket.socket, name: str) -> None:
+    """Run the uvicorn server on ``sock`` until it stops, then log the stop."""
     logger = logging.getLogger(__name__)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # uvicorn re-raises a captured SIGTERM once it has shut down. With the default
+    # handler that kills the process before the caller's cleanup runs, so turn it
+    # into SystemExit, which unwinds through the finally blocks.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     logger.info("%s listening on http://%s:%d", name, host, port)
     try:
         server.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
         logger.info("%s stopped", name)
+
+
+def _http_server(app):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning"))
 
 
 def cmd_run(args) -> int:
@@ -85,13 +107,22 @@ def cmd_run(args) -> int:
     try:
         sock = _listen(args.host or config.monitor.host, args.port or config.monitor.port, "monitor.port")
         daemon = MonitorDaemon(config)
-        daemon.start(background=True)
+        server = _http_server(create_app(daemon))
+
+        def stop_server() -> None:
+            # Nothing retries a failed startup, so the process exits and its supervisor can restart it.
+            server.should_exit = True
+
+        daemon.start(background=True, on_failure=stop_server)
         try:
-            _serve(create_app(daemon), sock, "monitor")
+            _serve(server, sock, "monitor")
         finally:
             daemon.stop()
     finally:
         lock.close()
+    if daemon.startup_error:
+        print(f"driftloop: error: monitor startup failed: {daemon.startup_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -102,7 +133,7 @@ def cmd_serve(args) -> int:
 
     config = _config(args)
     sock = _listen(args.host or config.server.host, args.port or config.server.port, "server.port")
-    _store, registry = _open_registry(config)
+    _store, registry = _open_registry(config, create=True)
     emitter = EventEmitter(config.server.monitor_url)
     emitter.start()
     app = create_app(
@@ -116,7 +147,7 @@ def cmd_serve(args) -> int:
         num_threads=config.model.num_threads,
     )
     try:
-        _serve(app, sock, "model server")
+        _serve(_http_server(app), sock, "model server")
     finally:
         emitter.close(5.0)
     return 0
@@ -185,6 +216,16 @@ def cmd_history(args) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a whole number of at least 1") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {number}: expected at least 1")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="driftloop", description="Drift monitor and LoRA retraining loop for text classifiers.")
     parser.add_argument("--config", "-c", help=f"YAML config file (default: {DEFAULT_CONFIG} when present, else built-in defaults)")
@@ -225,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
 
     rollback = command("rollback", help="make an earlier version active again")
-    rollback.add_argument("--to", help="version name (default: the previously active version)")
+    rollback.add_argument("--to", help="version name (default: step back to the version active before the "
+                                       "current one; repeated rollbacks keep stepping back)")
     rollback.add_argument("--comment", default="")
     rollback.add_argument("--by", default=os.environ.get("USER", "cli"))
     rollback.set_defaults(func=cmd_rollback)
@@ -233,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("runs", cmd_runs, "list retrain runs, newest first"),
                              ("history", cmd_history, "print the latest audit log entries, oldest first")):
         sub = command(name, help=text)
-        sub.add_argument("--limit", type=int, default=50)
+        sub.add_argument("--limit", type=_positive_int, default=50, help="entries to print (default 50)")
         sub.set_defaults(func=func)
     command("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
     return parser
@@ -261,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`driftloop runs | head`); point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -232,12 +232,12 @@ def _cross_field_errors(config: Config) -> list[str]:
     """Return one message per setting that is valid alone but conflicts with another."""
     errors = []
     monitor, detectors, server = config.monitor, config.detectors, config.server
-    smallest_window = min(monitor.window_size, monitor.sample_size)
-    if detectors.min_samples > smallest_window:
+    limit_key, limit = min((("monitor.window_size", monitor.window_size), ("monitor.sample_size", monitor.sample_size)),
+                           key=lambda item: item[1])
+    if detectors.min_samples > limit:
         errors.append(
-            f"detectors.min_samples: {detectors.min_samples} is larger than the {smallest_window} events a window "
-            f"keeps (monitor.window_size {monitor.window_size}, monitor.sample_size {monitor.sample_size}), so every "
-            f"window would report insufficient data; allowed: at most {smallest_window}"
+            f"detectors.min_samples: {detectors.min_samples} is larger than {limit_key} ({limit}), so every "
+            f"window would report insufficient data; allowed: at most {limit}"
         )
     needed = min_resamples(detectors.alpha, detectors.enabled)
     for key, value, signal in (("detectors.vocabulary.null_windows", detectors.vocabulary.null_windows, "vocabulary"),
@@ -254,7 +254,7 @@ def _cross_field_errors(config: Config) -> list[str]:
 
 def _format_error(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {error['input']!r}); check the spelling against config/driftloop.yaml"
     return f"{key}: invalid value {error.get('input')!r}: {message}"

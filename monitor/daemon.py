@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -99,17 +99,20 @@ class MonitorDaemon:
         self.job_thread: threading.Thread | None = None
         self.cancel_requested = threading.Event()
         self.labels_alert_streak: int | None = None
+        # Audit id of the last rollback counted in the metrics; older ones happened before this process.
+        self.rollbacks_seen = self.store.last_audit_id()
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # Lifecycle
 
-    def start(self, background: bool = True) -> None:
+    def start(self, background: bool = True, on_failure: Callable[[], None] | None = None) -> None:
+        """Load models and the reference, then start the schedule; ``on_failure`` runs if that fails."""
         if background:
-            threading.Thread(target=self._load, name="driftloop-startup", daemon=True).start()
+            threading.Thread(target=self._load, args=(on_failure,), name="driftloop-startup", daemon=True).start()
         else:
-            self._load()
+            self._load(on_failure)
 
-    def _load(self) -> None:
+    def _load(self, on_failure: Callable[[], None] | None = None) -> None:
         try:
             self._recover_runs()
             from transformers import AutoTokenizer
@@ -132,6 +135,8 @@ class MonitorDaemon:
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
             self.startup_error = f"{type(exc).__name__}: {exc}"
             logger.exception("monitor startup failed")
+            if on_failure is not None:
+                on_failure()
 
     def stop(self) -> None:
         if self.scheduler.running:
@@ -179,7 +184,8 @@ class MonitorDaemon:
             self.evaluator = evaluator
             self.labels = labels
             self.active_name = name
-            self.active_since = time.time()
+            # Labels count from the activation itself, so a restarted daemon keeps those already received.
+            self.active_since = self.registry.activated_at() or time.time()
             # Windows are compared with one reference: start a fresh one.
             self.window = self._open_window(name)
         self.metrics.active_version.info({"version": name})
@@ -295,6 +301,7 @@ class MonitorDaemon:
             logger.info("active version changed from %s to %s; reloading the reference", self.active_name, active.name)
             self._activate_reference(active.name)
             self.policy.run_ended()
+        self._count_rollbacks()
 
     def _evaluate(self, window: OpenWindow) -> None:
         started = time.time()
@@ -438,8 +445,16 @@ class MonitorDaemon:
             self._notify_server()
             self._activate_reference(target)
             self.policy.run_ended()
-            self.metrics.rollbacks.inc()
+            self._count_rollbacks()
             return previous, target
+
+    def _count_rollbacks(self) -> None:
+        """Count rollbacks from the audit log, so those made by the CLI in another process count too."""
+        ids = self.store.audit_ids(["rollback"], since_id=self.rollbacks_seen)
+        if ids:
+            self.rollbacks_seen = ids[-1]
+            self.metrics.rollbacks.inc(len(ids))
+            self.metrics.retrain_state.state("rolled_back")
 
     def _notify_server(self) -> None:
         server = self.config.server

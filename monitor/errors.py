@@ -31,3 +31,7 @@ class RegistryError(DriftloopError):
 
 class NotFoundError(DriftloopError):
     """A retrain run or other named record does not exist."""
+
+
+class VersionNotFoundError(RegistryError, NotFoundError):
+    """An adapter version name that is not in the registry."""

@@ -329,6 +329,16 @@ class Store:
         with self.session() as own:
             own.add(row)
 
+    def audit_ids(self, actions: Iterable[str], since_id: int = 0) -> list[int]:
+        """Return the ids of audit entries with one of ``actions`` after ``since_id``, oldest first."""
+        with self.session() as session:
+            query = select(AuditRow.id).where(AuditRow.id > since_id, AuditRow.action.in_(list(actions)))
+            return list(session.scalars(query.order_by(AuditRow.id)))
+
+    def last_audit_id(self) -> int:
+        with self.session() as session:
+            return int(session.scalar(select(func.max(AuditRow.id))) or 0)
+
     def audit_log(self, since_id: int = 0, limit: int = 200, latest: bool = False) -> list[dict[str, Any]]:
         """Return audit entries oldest first: the first ``limit`` after ``since_id``, or the last ``limit``."""
         with self.session() as session:

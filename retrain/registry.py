@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from monitor.errors import RegistryError
+from monitor.errors import RegistryError, VersionNotFoundError
 from monitor.store import ActiveRow, AuditRow, Store, VersionRow
 from retrain.datasets import Example
 
@@ -92,6 +92,12 @@ class Registry:
                 return None
             return _version(session.get(VersionRow, pointer.version))
 
+    def activated_at(self) -> float | None:
+        """Return when the active pointer last moved (Unix seconds), or None before the first activation."""
+        with self.store.session() as session:
+            pointer = session.get(ActiveRow, 1)
+            return pointer.changed_at if pointer else None
+
     def active_pair(self) -> tuple[str, str] | None:
         """Return (name, adapter folder) of the active version, for the model server."""
         version = self.active()
@@ -102,7 +108,7 @@ class Registry:
             row = session.get(VersionRow, name)
             if row is None:
                 known = [v.name for v in self.versions()]
-                raise RegistryError(f"version {name!r} not found; known versions: {', '.join(known) or 'none'}")
+                raise VersionNotFoundError(f"version {name!r} not found; known versions: {', '.join(known) or 'none'}")
             return _version(row)
 
     def versions(self) -> list[Version]:
@@ -201,7 +207,8 @@ class Registry:
             raise RegistryError("no active version to roll back from")
         target = to or self.previous_active()
         if target is None:
-            raise RegistryError(f"version {current.name} has no earlier version to roll back to; pass --to VERSION")
+            raise RegistryError(f"version {current.name} has no earlier version to roll back to; "
+                                "name the version to activate (--to on the CLI, \"to\" in the HTTP body)")
         if target == current.name:
             raise RegistryError(f"version {target} is already active")
         target_version = self.get(target)

@@ -51,3 +51,55 @@ def test_lock_is_released_on_close(tmp_path):
     first.close()
     second = lock_state_dir(tmp_path)
     second.close()
+
+
+def test_run_exits_when_startup_fails(tmp_path, capsys, caplog):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\ndata:\n  source: files\n  train_path: missing.jsonl\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level("INFO")
+
+    assert main(["run", "--config", str(config), "--port", str(port)]) == 1
+
+    error = capsys.readouterr().err
+    assert "monitor startup failed" in error
+    assert "data.train_path: file not found" in error
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"monitor listening on http://127.0.0.1:{port}" in messages
+    assert "monitor stopped" in messages
+
+
+def test_sigterm_stops_server_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nserver:\n  monitor_url: null\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "model server stopped" in output

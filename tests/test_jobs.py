@@ -1,6 +1,7 @@
 """Retrain data assembly and one whole run on the tiny model: train, canary, approve, promote."""
 
 import pytest
+from prometheus_client import generate_latest
 
 from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
@@ -105,6 +106,17 @@ def test_run_waits_for_approval_then_promotes(config):
         previous, target = daemon.rollback(None, actor="oncall")
         assert (previous, target) == ("v2", "v1")
         assert daemon.active_name == "v1"
+        assert daemon.store.get_run(run_id)["state"] == "rolled_back"
+        metrics = generate_latest(daemon.metrics.registry).decode()
+        assert "driftloop_rollbacks_total 1.0" in metrics
+        assert 'driftloop_retrain_state{driftloop_retrain_state="rolled_back"} 1.0' in metrics
+
+        # Rollbacks by the CLI, in another process, are counted at the daemon's next check.
+        daemon.registry.rollback("v2", actor="cli")
+        daemon.registry.rollback(None, actor="cli")
+        daemon.tick()
+        assert daemon.active_name == "v1"
+        assert "driftloop_rollbacks_total 3.0" in generate_latest(daemon.metrics.registry).decode()
     finally:
         daemon.stop()
 
@@ -120,6 +132,36 @@ def test_reject_and_double_approve(config):
         assert daemon.store.get_run(run_id)["state"] == "rejected"
         with pytest.raises(Exception, match="only pending_approval"):
             approve_run(daemon.store, run_id, actor="bob")
+    finally:
+        daemon.stop()
+
+
+def test_restart_keeps_labels_since_activation(config):
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        post_labelled_events(daemon, 10, offset=3000)
+        before = daemon.status()["labelled_since_activation"]
+        assert before >= 10
+    finally:
+        daemon.stop()
+    restarted = MonitorDaemon(config)
+    restarted.start(background=False)
+    try:
+        assert restarted.status()["labelled_since_activation"] == before
+    finally:
+        restarted.stop()
+
+
+def test_startup_failure_calls_back(config):
+    broken = config.model_copy(update={"model": config.model.model_copy(update={"base": "/nonexistent/model"})})
+    failures = []
+    daemon = MonitorDaemon(broken)
+    daemon.start(background=False, on_failure=lambda: failures.append(daemon.startup_error))
+    try:
+        assert not daemon.ready
+        assert failures == [daemon.startup_error]
+        assert "/nonexistent/model" in daemon.startup_error
     finally:
         daemon.stop()
 

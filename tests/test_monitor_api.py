@@ -302,6 +302,12 @@ def test_decision_with_invalid_json(client, path):
     assert client.get("/healthz").status_code == 200
 
 
+def test_rollback_to_unknown_version(client):
+    response = client.post("/v1/rollback", json={"to": "v99"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 404
+    assert "'v99' not found" in response.json()["error"]
+
+
 def test_rollback_without_previous_version(client):
     response = client.post("/v1/rollback", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 409

@@ -121,8 +121,25 @@ def test_cli_rollback_and_history(tmp_path, capsys):
 def test_cli_approve_unknown_run_exits_2(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    Store(f"sqlite:///{tmp_path / 'state' / 'driftloop.db'}").close()
     assert main(["approve", "r-missing", "--config", str(config)]) == 2
     assert "r-missing" in capsys.readouterr().err
+
+
+def test_cli_without_state_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'nowhere'}\n")
+    assert main(["runs", "--config", str(config)]) == 2
+    assert "no driftloop state at" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_cli_rejects_negative_limit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["history", "--limit", "-3"])
+    assert caught.value.code == 2
+    assert "invalid value -3: expected at least 1" in capsys.readouterr().err
 
 
 def test_cli_bad_config_exits_2(tmp_path, capsys):
