@@ -76,7 +76,8 @@ def _terminate(signum, _frame) -> None:
 
 def _serve(server, sock: socket.socket, name: str) -> None:
     """Run the uvicorn server on ``sock`` until it stops, then log the stop."""
-    logger = logging.getLogger(__name__)
+    # A fixed name, because under `python -m monitor.cli` __name__ is "__main__".
+    logger = logging.getLogger("monitor.cli")
     host, port = sock.getsockname()[:2]
     # uvicorn re-raises a captured SIGTERM once it has shut down. With the default
     # handler that kills the process before the caller's cleanup runs, so turn it
