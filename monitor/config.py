@@ -116,6 +116,8 @@ class VocabularyConfig(_Section):
 class EmbeddingDetectorConfig(_Section):
     permutations: int = Field(600, ge=19, description="Permutations of the MMD test; see min_resamples.")
     reference_sample: int = Field(500, ge=30)
+    exact_max_points: int = Field(2000, ge=10, description="Largest reference plus window sample tested with the exact kernel matrix; larger ones use random Fourier features.")
+    random_features: int = Field(512, ge=16, le=65536, description="Random Fourier features of the approximate MMD test.")
 
 
 class ConfidenceConfig(_Section):

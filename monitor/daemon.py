@@ -174,6 +174,8 @@ class MonitorDaemon:
             new_token_min_count=detectors.vocabulary.new_token_min_count,
             mmd_permutations=detectors.embedding.permutations,
             mmd_reference_sample=detectors.embedding.reference_sample,
+            mmd_exact_max_points=detectors.embedding.exact_max_points,
+            mmd_random_features=detectors.embedding.random_features,
             confidence_max_drop=detectors.confidence.max_drop,
             low_confidence_threshold=detectors.confidence.low_confidence_threshold,
             enabled_signals=tuple(detectors.enabled),

@@ -269,6 +269,39 @@ def test_mmd_rejects_dimension_mismatch():
         detector.test(make_window(40, embeddings=np.zeros((40, 8))))
 
 
+def test_mmd_random_features_detect_shift():
+    detector = EmbeddingMMDDetector(permutations=200, reference_sample=300, exact_max_points=100,
+                                    random_features=256, seed=1).fit(make_profile())
+    rng = np.random.default_rng(2)
+
+    result = detector.test(make_window(60, embeddings=rng.normal(loc=0.6, size=(60, 16))))
+
+    assert result.details["method"] == "random_features"
+    assert result.drifted
+    assert result.p_value == pytest.approx(1 / 201)
+
+
+def test_mmd_random_features_calibrated_under_null():
+    detector = EmbeddingMMDDetector(alpha=0.05, permutations=99, reference_sample=300, exact_max_points=100,
+                                    random_features=128, seed=5).fit(make_profile())
+    rng = np.random.default_rng(6)
+
+    p_values = [detector.test(make_window(60, embeddings=rng.normal(size=(60, 16)))).p_value for _ in range(40)]
+
+    assert detector.test(make_window(60, embeddings=rng.normal(size=(60, 16)))).details["method"] == "random_features"
+    # Under the null the p-value is uniform: with 40 draws, 6 or more below 0.05 has probability about 0.05.
+    assert sum(p < 0.05 for p in p_values) <= 5
+    assert 0.3 < float(np.mean(p_values)) < 0.7
+
+
+def test_mmd_exact_path_below_limit():
+    detector = EmbeddingMMDDetector(alpha=0.05, permutations=50, reference_sample=100, exact_max_points=1000).fit(make_profile())
+
+    result = detector.test(make_window(40, embeddings=np.zeros((40, 16))))
+
+    assert result.details["method"] == "exact"
+
+
 def test_mmd_identical_points_give_no_drift():
     profile = make_profile(embeddings=np.ones((100, 4), dtype=np.float32))
     detector = EmbeddingMMDDetector(alpha=0.1, reference_sample=50, permutations=20).fit(profile)

@@ -117,8 +117,9 @@ def test_emitter_flushes_partial_batch_after_interval(receiver):
             emitter.emit({"id": f"e{index}"})
 
         assert _wait_for(lambda: len(receiver.events()) == 3)
+        # The receiver records the events before the emitter has read the response.
+        assert _wait_for(lambda: emitter.sent == 3)
         assert len(receiver.requests) == 1
-        assert emitter.sent == 3
     finally:
         emitter.close()
 

@@ -57,6 +57,27 @@ def unbiased_mmd2(kernel_no_diagonal: np.ndarray, memberships: np.ndarray) -> np
     return within_first / (m * (m - 1)) + within_second / (n * (n - 1)) - 2.0 * between / (m * n)
 
 
+def random_fourier_features(points: np.ndarray, bandwidth: float, n_features: int,
+                            rng: np.random.Generator) -> np.ndarray:
+    """Map ``points`` to random Fourier features whose inner products approximate the RBF kernel.
+
+    ``phi(x) = sqrt(2 / D) cos(W x + b)`` with W ~ N(0, I / bandwidth²) and b ~ U(0, 2π),
+    so that ``phi(x) . phi(y) ≈ exp(-|x - y|² / (2 bandwidth²))`` (Rahimi and Recht 2007,
+    "Random features for large-scale kernel machines", NeurIPS).
+    """
+    dimension = points.shape[1]
+    weights = rng.normal(0.0, 1.0 / bandwidth, size=(dimension, n_features))
+    offsets = rng.uniform(0.0, 2.0 * np.pi, size=n_features)
+    return np.sqrt(2.0 / n_features) * np.cos(points @ weights + offsets)
+
+
+def sampled_median_bandwidth(points: np.ndarray, max_points: int, rng: np.random.Generator) -> float:
+    """Return the median heuristic on at most ``max_points`` rows, so its cost stays bounded."""
+    if points.shape[0] > max_points:
+        points = points[rng.choice(points.shape[0], size=max_points, replace=False)]
+    return median_bandwidth(squared_distances(points))
+
+
 class EmbeddingMMDDetector:
     """Permutation test of maximum mean discrepancy between reference and window embeddings.
 
@@ -72,6 +93,12 @@ class EmbeddingMMDDetector:
         Smallest number of sampled texts that is tested.
     seed : int
         Seed of the detector's own ``numpy.random.Generator``.
+    exact_max_points : int
+        Largest pooled sample (reference plus window) tested with the exact kernel
+        matrix. Larger samples use ``random_features`` random Fourier features,
+        whose cost grows linearly with the sample instead of quadratically.
+    random_features : int
+        Number D of random Fourier features in the approximate path.
 
     Notes
     -----
@@ -88,6 +115,13 @@ class EmbeddingMMDDetector:
     Decision rule: drifted when ``p < alpha``, with ``p = (b + 1) / (B + 1)`` and b
     the number of permuted MMD²_u >= the observed one.
 
+    Above ``exact_max_points`` the statistic is the biased estimate
+    ``|mean phi(x) - mean phi(y)|²`` on random Fourier features phi of the same
+    kernel, with the bandwidth from the median heuristic on at most
+    ``exact_max_points`` pooled points. The permutation null is recomputed on the
+    same features, so the p-value stays exact for this statistic; only its power
+    depends on how well D features approximate the kernel.
+
     Reference: Gretton, Borgwardt, Rasch, Schölkopf and Smola (2012), "A kernel
     two-sample test", Journal of Machine Learning Research 13, 723-773.
     """
@@ -101,11 +135,15 @@ class EmbeddingMMDDetector:
         reference_sample: int = 500,
         min_samples: int = 30,
         seed: int = 0,
+        exact_max_points: int = 2000,
+        random_features: int = 512,
     ):
         self.alpha = validate_alpha(alpha)
         self.permutations = validate_resample_count("permutations", permutations, self.alpha)
         self.reference_sample = validate_positive_int("reference_sample", reference_sample)
         self.min_samples = validate_min_samples(min_samples)
+        self.exact_max_points = validate_positive_int("exact_max_points", exact_max_points)
+        self.random_features = validate_positive_int("random_features", random_features)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
 
@@ -136,26 +174,20 @@ class EmbeddingMMDDetector:
             )
 
         pooled = np.vstack([self.reference_embeddings_, sample])
-        distances = squared_distances(pooled)
-        bandwidth = median_bandwidth(distances)
-        kernel = np.exp(-distances / (2.0 * bandwidth**2))
-        np.fill_diagonal(kernel, 0.0)
-
         total = m + n
-        observed_membership = np.zeros((1, total))
-        observed_membership[0, :m] = 1.0
         # Each row of `shuffled` is a random permutation of 0..N-1, and its first m entries form the first group.
         shuffled = self._rng.permuted(np.tile(np.arange(total), (self.permutations, 1)), axis=1)
-        permuted_membership = np.zeros((self.permutations, total))
-        np.put_along_axis(permuted_membership, shuffled[:, :m], 1.0, axis=1)
-
-        statistics = unbiased_mmd2(kernel, np.vstack([observed_membership, permuted_membership]))
-        observed = float(statistics[0])
-        null = statistics[1:]
+        if total <= self.exact_max_points:
+            method = "exact"
+            observed, null, bandwidth = self._exact_statistics(pooled, m, shuffled)
+        else:
+            method = "random_features"
+            observed, null, bandwidth = self._random_feature_statistics(pooled, m, shuffled)
         p_value = permutation_p_value(null, observed)
 
         details = {
             "reference_sample": m,
+            "method": method,
             "permutations": self.permutations,
             "bandwidth": bandwidth,
             "null_mean": float(null.mean()),
@@ -171,3 +203,34 @@ class EmbeddingMMDDetector:
             n=n,
             details=details,
         )
+
+    def _exact_statistics(self, pooled: np.ndarray, m: int, shuffled: np.ndarray) -> tuple[float, np.ndarray, float]:
+        """Return (observed MMD²_u, permuted MMD²_u, bandwidth) from the full kernel matrix."""
+        distances = squared_distances(pooled)
+        bandwidth = median_bandwidth(distances)
+        kernel = np.exp(-distances / (2.0 * bandwidth**2))
+        np.fill_diagonal(kernel, 0.0)
+
+        total = pooled.shape[0]
+        memberships = np.zeros((shuffled.shape[0] + 1, total))
+        memberships[0, :m] = 1.0
+        np.put_along_axis(memberships[1:], shuffled[:, :m], 1.0, axis=1)
+        statistics = unbiased_mmd2(kernel, memberships)
+        return float(statistics[0]), statistics[1:], bandwidth
+
+    def _random_feature_statistics(self, pooled: np.ndarray, m: int,
+                                   shuffled: np.ndarray) -> tuple[float, np.ndarray, float]:
+        """Return (observed, permuted, bandwidth) of the biased MMD² on random Fourier features."""
+        bandwidth = sampled_median_bandwidth(pooled, self.exact_max_points, self._rng)
+        features = random_fourier_features(pooled, bandwidth, self.random_features, self._rng)
+
+        total = pooled.shape[0]
+        n = total - m
+        # A row of `weights` gives 1/m to the first group and -1/n to the second, so
+        # weights @ features is the difference of the two feature means.
+        weights = np.full((shuffled.shape[0] + 1, total), -1.0 / n)
+        weights[0, :m] = 1.0 / m
+        np.put_along_axis(weights[1:], shuffled[:, :m], 1.0 / m, axis=1)
+        differences = weights @ features
+        statistics = np.einsum("ij,ij->i", differences, differences)
+        return float(statistics[0]), statistics[1:], bandwidth
