@@ -185,6 +185,7 @@ class WindowEvaluator:
             confidences=np.array([obs.confidence for obs in sample], dtype=np.float64),
             predicted_labels=[obs.predicted_label for obs in sample],
             n_total=sampler.count,
+            texts=texts,
         )
 
     def evaluate(self, window_id: str, sampler: WindowSampler) -> WindowReport:

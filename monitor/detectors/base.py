@@ -78,6 +78,8 @@ class WindowFeatures:
     ``embeddings`` has zero columns, and then any number of rows, when the
     embedding signal is disabled.
     ``n_total`` counts every event in the window, including those not sampled.
+    ``texts`` are the sampled texts, for detectors that quote examples; it may be
+    empty when a caller has only features.
     """
 
     token_counts: np.ndarray
@@ -86,6 +88,7 @@ class WindowFeatures:
     confidences: np.ndarray
     predicted_labels: list[str]
     n_total: int
+    texts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_counts = np.asarray(self.token_counts, dtype=np.int64)
@@ -101,6 +104,8 @@ class WindowFeatures:
             raise DataError(f"WindowFeatures.embeddings must be 2-D, got shape {self.embeddings.shape}")
         if self.embeddings.shape[1] > 0:
             sizes["embeddings"] = self.embeddings.shape[0]
+        if self.texts:
+            sizes["texts"] = len(self.texts)
         for name, size in sizes.items():
             if size != n:
                 raise DataError(f"WindowFeatures.{name} has {size} entries but token_counts has {n}")
