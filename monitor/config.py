@@ -129,10 +129,25 @@ class DetectorsConfig(_Section):
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
     min_samples: int = Field(30, ge=5)
     enabled: list[str] = Field(default_factory=lambda: list(SIGNALS))
+    effect_floors: dict[str, float] = Field(
+        default_factory=dict,
+        description="Smallest statistic that may raise drift, per p-value signal (token_length: KS D, "
+                    "vocabulary: JS divergence, embedding: MMD²); a significant result below it is not drift.",
+    )
     vocabulary: VocabularyConfig = VocabularyConfig()
     embedding: EmbeddingDetectorConfig = EmbeddingDetectorConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
     seed: int = 0
+
+    @field_validator("effect_floors")
+    @classmethod
+    def _known_floors(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, floor in value.items():
+            if name not in P_VALUE_SIGNALS:
+                raise ValueError(f"unknown signal {name!r}; allowed: {', '.join(P_VALUE_SIGNALS)}")
+            if not floor >= 0:
+                raise ValueError(f"floor of {name!r} is {floor}; it must be >= 0")
+        return value
 
     @field_validator("enabled")
     @classmethod

@@ -179,6 +179,7 @@ class MonitorDaemon:
             confidence_max_drop=detectors.confidence.max_drop,
             low_confidence_threshold=detectors.confidence.low_confidence_threshold,
             enabled_signals=tuple(detectors.enabled),
+            effect_floors=dict(detectors.effect_floors),
             seed=detectors.seed,
         )
         labels = json.loads((version.adapter_dir / "labels.json").read_text())

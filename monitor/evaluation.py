@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class WindowEvaluator:
         low_confidence_threshold: float = 0.5,
         enabled_signals: tuple[str, ...] = SIGNALS,
         seed: int = 0,
+        effect_floors: dict[str, float] | None = None,
     ):
         enabled = tuple(enabled_signals)
         unknown = [name for name in enabled if name not in SIGNALS]
@@ -114,6 +115,13 @@ class WindowEvaluator:
             raise ConfigError(
                 f"enabled_signals must be a non-empty subset of {list(SIGNALS)}, got {list(enabled_signals)}"
             )
+        floors = dict(effect_floors or {})
+        for name, floor in floors.items():
+            if name not in P_VALUE_SIGNALS or not isinstance(floor, (int, float)) or not floor >= 0:
+                raise ConfigError(
+                    f"effect_floors[{name!r}] = {floor!r}: expected a number >= 0 for one of {list(P_VALUE_SIGNALS)}"
+                )
+        self.effect_floors = floors
         self.profile = profile
         self.tokenizer = tokenizer
         self.embedder = embedder
@@ -199,7 +207,7 @@ class WindowEvaluator:
             ]
         else:
             window = self.featurise(sampler)
-            results = [self.detectors[name].test(window) for name in self.enabled_signals]
+            results = [self._apply_effect_floor(self.detectors[name].test(window)) for name in self.enabled_signals]
 
         drifted_signals = [result.signal for result in results if result.drifted]
         # In a full window a signal may still report insufficient_data (texts without tokens), and the others still count.
@@ -220,6 +228,22 @@ class WindowEvaluator:
             ended_at=sampler.last_at if sampler.last_at is not None else now,
             status=status,
         )
+
+    def _apply_effect_floor(self, result: DriftResult) -> DriftResult:
+        """Clear the drift flag of a significant result whose statistic is below the signal's effect floor.
+
+        With large windows a two-sample test rejects on shifts too small to act on;
+        the floor is in the detector's own statistic (KS D, JS divergence, MMD²).
+        """
+        floor = self.effect_floors.get(result.signal)
+        if floor is None:
+            return result
+        details = {**result.details, "effect_floor": floor}
+        below = result.statistic is not None and result.statistic < floor
+        if result.drifted and below:
+            details["below_effect_floor"] = True
+            return replace(result, drifted=False, details=details)
+        return replace(result, details=details)
 
     def _threshold(self, name: str) -> float:
         if name == "confidence":

@@ -35,10 +35,11 @@ def test_defaults_without_file():
         ({"detectors": {"embedding": {"permutations": 200}}}, "detectors.embedding.permutations", "at least 600"),
         ({"detectors": {"alpha": 0.001, "vocabulary": {"null_windows": 600}}},
          "detectors.vocabulary.null_windows", "at least 6000"),
+        ({"detectors": {"effect_floors": {"confidence": 0.1}}}, "detectors.effect_floors", "'confidence'"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
-         "too-few-null-windows"],
+         "too-few-null-windows", "floor-for-confidence"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:

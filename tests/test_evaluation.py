@@ -151,6 +151,27 @@ def test_shifted_window_drifted(evaluator, clinc, profile):
     assert "confidence" not in report.drifted_signals
 
 
+def test_effect_floor_clears_small_significant_shift(profile, tokenizer, embedder, clinc):
+    sampler = fill_sampler(drifted_pairs(clinc, seed=12), profile.val_confidences, seed=12)
+    floored = WindowEvaluator(profile, tokenizer, embedder, seed=1, effect_floors={"embedding": 1e6})
+
+    report = floored.evaluate("shifted", sampler)
+
+    embedding = next(result for result in report.results if result.signal == "embedding")
+    assert embedding.p_value < embedding.threshold
+    assert not embedding.drifted
+    assert embedding.details["below_effect_floor"] is True
+    assert embedding.details["effect_floor"] == 1e6
+    assert "embedding" not in report.drifted_signals
+    assert "vocabulary" in report.drifted_signals
+
+
+@pytest.mark.parametrize("floors", [{"confidence": 0.1}, {"embedding": -1.0}, {"embedding": "big"}])
+def test_invalid_effect_floors(profile, tokenizer, embedder, floors):
+    with pytest.raises(ConfigError, match="effect_floors"):
+        WindowEvaluator(profile, tokenizer, embedder, effect_floors=floors)
+
+
 def test_bonferroni_thresholds(evaluator, clinc, profile):
     sampler = fill_sampler(stable_pairs(clinc, seed=13, count=100), profile.val_confidences, seed=13)
 
