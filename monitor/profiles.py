@@ -51,6 +51,7 @@ def build_version_profile(config: Config, adapter_dir: Path, version: str, targe
         seed=config.detectors.seed,
         meta={"version": version, "model": config.model.base, "embedding_model": config.embedding.model,
               "validation_accuracy": validation_accuracy},
+        val_gold_labels=[str(gold) for _, gold in validation],
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

@@ -80,6 +80,10 @@ class ReferenceProfile:
     meta : dict
         JSON-serialisable provenance: version, created_at, n_train_texts, n_val,
         model, embedding_model and anything the caller added.
+    val_gold_labels : list of str or None
+        Gold label of each validation text, in the order of ``val_predicted_labels``.
+        None for a profile built without them, including every profile saved
+        before the field existed.
     """
 
     token_counts: np.ndarray
@@ -94,6 +98,17 @@ class ReferenceProfile:
     val_predicted_labels: list[str]
     label_distribution: dict[str, float]
     meta: dict = field(default_factory=dict)
+    val_gold_labels: list[str] | None = None
+
+    @property
+    def val_correct(self) -> np.ndarray | None:
+        """Boolean array, True where the validation prediction equals the gold label; None without gold labels."""
+        if self.val_gold_labels is None:
+            return None
+        return np.array(
+            [predicted == gold for predicted, gold in zip(self.val_predicted_labels, self.val_gold_labels)],
+            dtype=bool,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -137,6 +152,9 @@ class ReferenceProfile:
             "val_predicted_labels": [str(label) for label in self.val_predicted_labels],
             "label_distribution": {str(k): float(v) for k, v in self.label_distribution.items()},
             "meta": self.meta,
+            "val_gold_labels": (
+                None if self.val_gold_labels is None else [str(label) for label in self.val_gold_labels]
+            ),
         }
         try:
             text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False)
@@ -204,6 +222,8 @@ class ReferenceProfile:
                 val_predicted_labels=list(document["val_predicted_labels"]),
                 label_distribution=dict(document["label_distribution"]),
                 meta=dict(document["meta"]),
+                # Profiles saved before this field existed have no such key.
+                val_gold_labels=_optional_labels(document.get("val_gold_labels")),
             )
         except KeyError as error:
             raise DataError(f"reference profile in {directory} is missing the field {error}") from error
@@ -217,7 +237,20 @@ class ReferenceProfile:
                 f"reference profile in {directory}: {len(profile.val_predicted_labels)} validation labels "
                 f"but {profile.val_confidences.shape[0]} validation confidences"
             )
+        if profile.val_gold_labels is not None and len(profile.val_gold_labels) != len(profile.val_predicted_labels):
+            raise DataError(
+                f"reference profile in {directory}: {len(profile.val_gold_labels)} validation gold labels "
+                f"but {len(profile.val_predicted_labels)} validation predictions"
+            )
         return profile
+
+
+def _optional_labels(value) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TypeError(f"val_gold_labels must be a list or null, got {type(value).__name__}")
+    return [str(label) for label in value]
 
 
 def build_reference(
@@ -233,6 +266,7 @@ def build_reference(
     heldout_fraction: float = 0.2,
     seed: int = 0,
     meta: dict | None = None,
+    val_gold_labels: list[str] | None = None,
 ) -> ReferenceProfile:
     """Build the reference profile of one adapter version from its training data.
 
@@ -261,6 +295,10 @@ def build_reference(
         Seed for the held-out split and the embedding sample.
     meta : dict, optional
         JSON-serialisable fields merged into the profile's ``meta``.
+    val_gold_labels : list of str, optional
+        Gold label of each validation text. It lets the profile record which
+        validation predictions were correct, which the label-free accuracy
+        estimate needs. Without it the profile's ``val_gold_labels`` is None.
 
     Raises
     ------
@@ -270,7 +308,8 @@ def build_reference(
     ConfigError
         Invalid numeric argument or non-serialisable ``meta``.
     DataError
-        ``val_probabilities`` does not match ``val_texts`` and ``labels``.
+        ``val_probabilities`` does not match ``val_texts`` and ``labels``, or
+        ``val_gold_labels`` does not have one entry per validation text.
     """
     train_texts = list(train_texts)
     val_texts = list(val_texts)
@@ -282,6 +321,13 @@ def build_reference(
             f"validation texts, got {len(train_texts)} training and {len(val_texts)} validation texts"
         )
     probabilities = _validate_probabilities(val_probabilities, len(val_texts), labels)
+    if val_gold_labels is not None:
+        val_gold_labels = [str(label) for label in val_gold_labels]
+        if len(val_gold_labels) != len(val_texts):
+            raise DataError(
+                f"val_gold_labels must have one entry per validation text: got {len(val_gold_labels)} "
+                f"gold labels for {len(val_texts)} validation texts"
+            )
 
     rng = np.random.default_rng(seed)
     n_heldout = int(round(heldout_fraction * len(train_texts)))
@@ -351,6 +397,7 @@ def build_reference(
         val_predicted_labels=predicted,
         label_distribution=label_distribution,
         meta=profile_meta,
+        val_gold_labels=val_gold_labels,
     )
 
 

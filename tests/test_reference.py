@@ -252,3 +252,78 @@ def test_profile_load_corrupt_arrays(profile, tmp_path):
 
     with pytest.raises(DataError, match="arrays.npz"):
         ReferenceProfile.load(tmp_path)
+
+
+def test_build_reference_stores_gold_labels(tokenizer, embedder):
+    probabilities = make_probabilities(30, 2)
+    predicted = [LABELS[i] for i in probabilities.argmax(axis=1)]
+    gold = list(predicted)
+    gold[0] = next(label for label in LABELS if label != predicted[0])
+
+    profile = build_reference(
+        make_texts(40, 0), make_texts(30, 1), probabilities, LABELS, tokenizer, embedder,
+        max_length=32, embedding_sample=10, val_gold_labels=gold,
+    )
+
+    assert profile.val_gold_labels == gold
+    assert profile.val_correct.tolist() == [False] + [True] * 29
+
+
+def test_build_reference_without_gold_labels(profile):
+    assert profile.val_gold_labels is None
+    assert profile.val_correct is None
+
+
+def test_build_reference_gold_label_count_mismatch(tokenizer, embedder):
+    with pytest.raises(DataError, match="val_gold_labels"):
+        build_reference(
+            make_texts(40, 0), make_texts(30, 1), make_probabilities(30, 2), LABELS, tokenizer, embedder,
+            max_length=32, val_gold_labels=["balance"] * 29,
+        )
+
+
+def test_profile_round_trip_gold_labels(tokenizer, embedder, tmp_path):
+    gold = [LABELS[i % 3] for i in range(30)]
+    profile = build_reference(
+        make_texts(40, 0), make_texts(30, 1), make_probabilities(30, 2), LABELS, tokenizer, embedder,
+        max_length=32, embedding_sample=10, val_gold_labels=gold,
+    )
+
+    profile.save(tmp_path)
+    loaded = ReferenceProfile.load(tmp_path)
+
+    assert loaded.val_gold_labels == gold
+    np.testing.assert_array_equal(loaded.val_correct, profile.val_correct)
+
+
+def test_profile_load_without_gold_labels_field(profile, tmp_path):
+    profile.save(tmp_path)
+    document = json.loads((tmp_path / "profile.json").read_text())
+    del document["val_gold_labels"]
+    (tmp_path / "profile.json").write_text(json.dumps(document))
+
+    loaded = ReferenceProfile.load(tmp_path)
+
+    assert loaded.val_gold_labels is None
+    assert loaded.val_correct is None
+    assert loaded.val_predicted_labels == profile.val_predicted_labels
+
+
+def test_profile_load_gold_label_count_mismatch(profile, tmp_path):
+    profile.save(tmp_path)
+    document = json.loads((tmp_path / "profile.json").read_text())
+    document["val_gold_labels"] = ["balance"] * 3
+    (tmp_path / "profile.json").write_text(json.dumps(document))
+
+    with pytest.raises(DataError, match="3 validation gold labels"):
+        ReferenceProfile.load(tmp_path)
+
+
+def test_profile_load_invalid_gold_labels(profile, tmp_path):
+    profile.save(tmp_path)
+    document = json.loads((tmp_path / "profile.json").read_text())
+    document["val_gold_labels"] = "balance"
+    (tmp_path / "profile.json").write_text(json.dumps(document))
+
+    with pytest.raises(DataError, match="val_gold_labels"):
+        ReferenceProfile.load(tmp_path)
