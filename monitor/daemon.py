@@ -314,10 +314,16 @@ class MonitorDaemon:
         data = report.to_dict()
         data["realized_accuracy"] = accuracy
         data["labelled_events"] = labelled
+        estimate = report.accuracy_estimate.estimate if report.accuracy_estimate else None
+        # Labels arrive late, so the realized accuracy covers the events labelled by evaluation time.
+        gap = estimate - accuracy if estimate is not None and accuracy is not None else None
+        data["accuracy_estimate_gap"] = gap
         self.store.insert_window(data, window.version)
         self.metrics.record_window(report)
         if accuracy is not None:
             self.metrics.realized_accuracy.set(accuracy)
+        if gap is not None:
+            self.metrics.accuracy_estimate_gap.set(gap)
         if report.drifted:
             verdict = "drift in " + ", ".join(report.drifted_signals)
         elif report.status == "ok":

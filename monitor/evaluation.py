@@ -22,6 +22,7 @@ from monitor.detectors.confidence import ConfidenceDetector
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
+from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
 from monitor.config import P_VALUE_SIGNALS, SIGNALS, min_resamples
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
@@ -54,6 +55,8 @@ class WindowReport:
     started_at: float
     ended_at: float
     status: str
+    # Label-free accuracy estimate of the sample (see monitor.accuracy_estimate), or None.
+    accuracy_estimate: AccuracyEstimate | None = None
 
     def to_dict(self) -> dict:
         """Return the report as a JSON-serialisable dict, with nan as None."""
@@ -70,6 +73,7 @@ class WindowReport:
             "started_at": float(self.started_at),
             "ended_at": float(self.ended_at),
             "status": self.status,
+            "accuracy_estimate": self.accuracy_estimate.to_dict() if self.accuracy_estimate else None,
         }
 
 
@@ -161,6 +165,7 @@ class WindowEvaluator:
             ),
         }
         self.detectors = {name: factories[name]().fit(profile) for name in self.enabled_signals}
+        self.accuracy_estimator = AccuracyEstimator(min_samples=self.min_samples).fit(profile)
 
     def _enough_resamples(self, name: str, requested: int) -> int:
         """Return ``requested``, or the minimum from ``min_resamples`` when that is larger."""
@@ -212,6 +217,8 @@ class WindowEvaluator:
         drifted_signals = [result.signal for result in results if result.drifted]
         # In a full window a signal may still report insufficient_data (texts without tokens), and the others still count.
         status = STATUS_INSUFFICIENT if n_sampled < self.min_samples else STATUS_OK
+        confidences = np.array([observation.confidence for observation in sampler.sample], dtype=np.float64)
+        accuracy_estimate = self.accuracy_estimator.estimate(confidences)
         quantiles = sampler.latency_quantiles()
         now = time.time()
         return WindowReport(
@@ -227,6 +234,7 @@ class WindowEvaluator:
             started_at=sampler.started_at if sampler.started_at is not None else now,
             ended_at=sampler.last_at if sampler.last_at is not None else now,
             status=status,
+            accuracy_estimate=accuracy_estimate,
         )
 
     def _apply_effect_floor(self, result: DriftResult) -> DriftResult:

@@ -58,6 +58,8 @@ class MonitorMetrics:
         self.latency_p50 = Gauge("driftloop_prediction_latency_p50_seconds", "Median model latency in the last window.", registry=r)
         self.latency_p99 = Gauge("driftloop_prediction_latency_p99_seconds", "99th percentile model latency in the last window.", registry=r)
         self.realized_accuracy = Gauge("driftloop_realized_accuracy", "Accuracy on labelled events of the last evaluated window.", registry=r)
+        self.estimated_accuracy = Gauge("driftloop_estimated_accuracy", "Label-free accuracy estimate of the last evaluated window, by bound (estimate, lower, upper).", ["bound"], registry=r)
+        self.accuracy_estimate_gap = Gauge("driftloop_accuracy_estimate_gap", "Estimated minus realized accuracy of the last window that had labelled events.", registry=r)
 
         self.labels_needed = Gauge("driftloop_retrain_labels_needed", "Labelled events still missing before a triggered retrain can start.", registry=r)
         self.retrain_state = Enum("driftloop_retrain_state", "State of the latest retraining run.", states=list(RUN_STATES), registry=r)
@@ -86,6 +88,11 @@ class MonitorMetrics:
             self.latency_p50.set(report.latency_p50_ms / 1000.0)
         if report.latency_p99_ms is not None:
             self.latency_p99.set(report.latency_p99_ms / 1000.0)
+        estimate = report.accuracy_estimate
+        if estimate is not None and estimate.estimate is not None:
+            self.estimated_accuracy.labels("estimate").set(estimate.estimate)
+            self.estimated_accuracy.labels("lower").set(estimate.lower)
+            self.estimated_accuracy.labels("upper").set(estimate.upper)
         for result in report.results:
             if result.statistic is not None:
                 self.drift_statistic.labels(result.signal).set(result.statistic)

@@ -99,6 +99,7 @@ def profile(clinc, tokenizer, embedder):
         max_length=64,
         embedding_sample=500,
         meta={"version": "v1"},
+        val_gold_labels=[intent for _, intent in val],
     )
 
 
@@ -149,6 +150,17 @@ def test_shifted_window_drifted(evaluator, clinc, profile):
     vocabulary = next(result for result in report.results if result.signal == "vocabulary")
     assert vocabulary.details["new_frequent_tokens"]
     assert "confidence" not in report.drifted_signals
+
+
+def test_report_carries_accuracy_estimate(evaluator, clinc, profile):
+    sampler = fill_sampler(stable_pairs(clinc, seed=14), profile.val_confidences, seed=14)
+
+    report = evaluator.evaluate("estimate", sampler)
+
+    estimate = report.accuracy_estimate
+    assert estimate.status == "ok"
+    assert estimate.lower <= estimate.estimate <= estimate.upper
+    assert report.to_dict()["accuracy_estimate"]["n"] == report.n_sampled
 
 
 def test_effect_floor_clears_small_significant_shift(profile, tokenizer, embedder, clinc):
