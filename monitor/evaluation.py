@@ -19,11 +19,13 @@ from monitor.detectors.base import (
     validate_min_samples,
 )
 from monitor.detectors.confidence import ConfidenceDetector
+from monitor.detectors.domain_classifier import DomainClassifierDetector
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
+from monitor.detectors.label_shift import LabelShiftDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
-from monitor.config import P_VALUE_SIGNALS, SIGNALS, min_resamples
+from monitor.config import DEFAULT_SIGNALS, EMBEDDING_SIGNALS, P_VALUE_SIGNALS, SIGNALS, min_resamples
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
 from monitor.reference import ReferenceProfile, tokenize_counts
@@ -109,9 +111,11 @@ class WindowEvaluator:
         mmd_random_features: int = 512,
         confidence_max_drop: float = 0.1,
         low_confidence_threshold: float = 0.5,
-        enabled_signals: tuple[str, ...] = SIGNALS,
+        enabled_signals: tuple[str, ...] = DEFAULT_SIGNALS,
         seed: int = 0,
         effect_floors: dict[str, float] | None = None,
+        domain_classifier: dict | None = None,
+        label_distribution: dict | None = None,
     ):
         enabled = tuple(enabled_signals)
         unknown = [name for name in enabled if name not in SIGNALS]
@@ -138,7 +142,7 @@ class WindowEvaluator:
         self.mmd_permutations = self._enough_resamples("mmd_permutations", mmd_permutations)
 
         # Separate seeds per detector keep their random streams independent.
-        seeds = np.random.SeedSequence(seed).spawn(2)
+        seeds = np.random.SeedSequence(seed).spawn(3)
         factories = {
             "token_length": lambda: TokenLengthDetector(alpha=self.adjusted_alpha, min_samples=min_samples),
             "vocabulary": lambda: VocabularyDetector(
@@ -157,6 +161,17 @@ class WindowEvaluator:
                 random_features=mmd_random_features,
                 min_samples=min_samples,
                 seed=int(seeds[1].generate_state(1)[0]),
+            ),
+            "domain_classifier": lambda: DomainClassifierDetector(
+                alpha=self.adjusted_alpha,
+                min_samples=min_samples,
+                seed=int(seeds[2].generate_state(1)[0]),
+                **(domain_classifier or {}),
+            ),
+            "label_distribution": lambda: LabelShiftDetector(
+                alpha=self.adjusted_alpha,
+                min_samples=min_samples,
+                **(label_distribution or {}),
             ),
             "confidence": lambda: ConfidenceDetector(
                 max_drop=confidence_max_drop,
@@ -187,7 +202,7 @@ class WindowEvaluator:
         sample = list(sampler.sample)
         texts = [obs.text for obs in sample]
         token_counts, token_ids = tokenize_counts(self.tokenizer, texts)
-        if "embedding" in self.detectors:
+        if any(name in self.detectors for name in EMBEDDING_SIGNALS):
             embeddings = self.embedder.encode(texts)
         else:
             embeddings = np.zeros((len(texts), 0), dtype=np.float32)
@@ -240,8 +255,8 @@ class WindowEvaluator:
     def _apply_effect_floor(self, result: DriftResult) -> DriftResult:
         """Clear the drift flag of a significant result whose statistic is below the signal's effect floor.
 
-        With large windows a two-sample test rejects on shifts too small to act on;
-        the floor is in the detector's own statistic (KS D, JS divergence, MMD²).
+        With large windows a two-sample test rejects on shifts too small to act on.
+        The floor is in the detector's own statistic (KS D, JS divergence, MMD²).
         """
         floor = self.effect_floors.get(result.signal)
         if floor is None:

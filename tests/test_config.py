@@ -36,10 +36,12 @@ def test_defaults_without_file():
         ({"detectors": {"alpha": 0.001, "vocabulary": {"null_windows": 600}}},
          "detectors.vocabulary.null_windows", "at least 6000"),
         ({"detectors": {"effect_floors": {"confidence": 0.1}}}, "detectors.effect_floors", "'confidence'"),
+        ({"detectors": {"enabled": ["domain_classifier"], "min_samples": 5, "domain_classifier": {"folds": 8}}},
+         "detectors.domain_classifier.folds", "8"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
-         "too-few-null-windows", "floor-for-confidence"],
+         "too-few-null-windows", "floor-for-confidence", "folds-above-min-samples"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:
@@ -77,3 +79,9 @@ def test_fewer_signals_need_fewer_resamples():
 
 def test_monitor_url_may_be_null():
     assert parse_config({"server": {"monitor_url": None}}).server.monitor_url is None
+
+
+def test_optional_signals_are_off_by_default():
+    enabled = parse_config({}).detectors.enabled
+    assert "domain_classifier" not in enabled
+    assert "label_distribution" not in enabled

@@ -152,6 +152,28 @@ def test_shifted_window_drifted(evaluator, clinc, profile):
     assert "confidence" not in report.drifted_signals
 
 
+def test_optional_signals_on_shifted_window(profile, tokenizer, embedder, clinc):
+    signals = ("embedding", "confidence", "domain_classifier", "label_distribution")
+    evaluator = WindowEvaluator(profile, tokenizer, embedder, seed=1, enabled_signals=signals,
+                                mmd_permutations=800, domain_classifier={"typical_examples": 3})
+    stable = evaluator.evaluate("stable", fill_sampler(stable_pairs(clinc, seed=11), profile.val_confidences, seed=11))
+    shifted = evaluator.evaluate("shifted", fill_sampler(drifted_pairs(clinc, seed=12), profile.val_confidences, seed=12))
+
+    assert [result.signal for result in shifted.results] == ["embedding", "confidence", "domain_classifier",
+                                                              "label_distribution"]
+    assert evaluator.adjusted_alpha == pytest.approx(0.01 / 3)
+    assert "domain_classifier" not in stable.drifted_signals
+    assert "domain_classifier" in shifted.drifted_signals
+    classifier = next(result for result in shifted.results if result.signal == "domain_classifier")
+    assert classifier.statistic > 0.6
+    examples = classifier.details["typical_examples"]
+    assert len(examples) == 3
+    assert all(example["text"] for example in examples)
+    labels = next(result for result in shifted.results if result.signal == "label_distribution")
+    assert labels.status == "ok"
+    assert labels.p_value is not None
+
+
 def test_report_carries_accuracy_estimate(evaluator, clinc, profile):
     sampler = fill_sampler(stable_pairs(clinc, seed=14), profile.val_confidences, seed=14)
 
