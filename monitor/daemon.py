@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config, resolve_model_path
+from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
 from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
 from monitor.metrics import MonitorMetrics
@@ -68,6 +69,24 @@ def lock_state_dir(state_path: Path) -> TextIO:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def explain_drift(report) -> dict[str, Any]:
+    """Summarise why a window drifted: each drifted signal's evidence, new tokens and typical texts."""
+    evidence = {}
+    for result in report.results:
+        if result.drifted:
+            evidence[result.signal] = {"statistic": result.statistic, "p_value": result.p_value,
+                                       "threshold": result.threshold}
+    details = {result.signal: result.details for result in report.results}
+    explanation: dict[str, Any] = {"evidence": to_json_value(evidence)}
+    tokens = details.get("vocabulary", {}).get("new_frequent_tokens")
+    if tokens:
+        explanation["new_frequent_tokens"] = tokens
+    examples = details.get("domain_classifier", {}).get("typical_examples")
+    if examples:
+        explanation["typical_examples"] = [example["text"] for example in examples if example.get("text")]
+    return explanation
 
 
 def new_window_id() -> str:
@@ -337,7 +356,8 @@ class MonitorDaemon:
         if report.drifted:
             self.store.audit("monitor", "window_drifted", version=window.version,
                              detail={"window_id": window.id, "signals": report.drifted_signals,
-                                     "mean_confidence": report.mean_confidence, "n_events": report.n_events})
+                                     "mean_confidence": report.mean_confidence, "n_events": report.n_events,
+                                     "explanation": explain_drift(report)})
         if window.version != self.active_name:
             # A window of the previous version is no evidence about the new one.
             return

@@ -288,8 +288,11 @@ class DemoRun:
             if waiting:
                 self.suppressed_windows += 1
             else:
+                tokens = detail.get("explanation", {}).get("new_frequent_tokens", [])[:5]
+                new_tokens = f"; new tokens: {', '.join(str(token) for token in tokens)}" if tokens else ""
                 self.timeline.say(f"drift in window {detail['window_id']}: {', '.join(detail['signals'])} "
-                                  f"(mean confidence {detail['mean_confidence']:.2f}, {detail['n_events']} events)")
+                                  f"(mean confidence {detail['mean_confidence']:.2f}, {detail['n_events']} events"
+                                  f"{new_tokens})")
         elif action == "labels_needed":
             self.labels_wait = True
             self.timeline.say(f"drift persists, retrain waits for labels: {detail['message']}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from monitor.daemon import explain_drift
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
 from monitor.evaluation import WindowEvaluator, WindowReport
@@ -172,6 +173,12 @@ def test_optional_signals_on_shifted_window(profile, tokenizer, embedder, clinc)
     labels = next(result for result in shifted.results if result.signal == "label_distribution")
     assert labels.status == "ok"
     assert labels.p_value is not None
+
+    explanation = explain_drift(shifted)
+    assert set(explanation["evidence"]) == set(shifted.drifted_signals)
+    assert explanation["evidence"]["domain_classifier"]["statistic"] == classifier.statistic
+    assert explanation["typical_examples"] == [example["text"] for example in examples]
+    json.dumps(explanation)
 
 
 def test_report_carries_accuracy_estimate(evaluator, clinc, profile):
