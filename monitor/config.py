@@ -177,6 +177,14 @@ class DetectorsConfig(_Section):
         return value
 
 
+class AlarmConfig(_Section):
+    false_alarms_per_week: float | None = Field(
+        None, gt=0.0,
+        description="False retrain triggers per week allowed on stable traffic; when set, detectors.alpha is derived from it.",
+    )
+    windows_per_week: float = Field(2016.0, gt=0.0, description="Windows the monitor expects to close per week (2016 is one every 5 minutes).")
+
+
 class TriggerConfig(_Section):
     consecutive_windows: int = Field(2, ge=1, description="Drifted windows in a row that trigger a retrain.")
     min_labels: int = Field(200, ge=1, description="Labelled events received since the drift began, needed before a retrain starts.")
@@ -233,6 +241,7 @@ class Config(_Section):
     bootstrap: TrainingConfig = TrainingConfig()
     monitor: MonitorConfig = MonitorConfig()
     detectors: DetectorsConfig = DetectorsConfig()
+    alarm: AlarmConfig = AlarmConfig()
     trigger: TriggerConfig = TriggerConfig()
     retrain: RetrainConfig = RetrainConfig()
     canary: CanaryConfig = CanaryConfig()
@@ -242,6 +251,23 @@ class Config(_Section):
     # Paths are resolved against the config file's folder, so a config works
     # from any working directory.
     base_dir: str = Field(".", exclude=True)
+
+    @property
+    def alpha(self) -> float:
+        """Return the family-wise significance level per window that the detectors use.
+
+        Without a false-alarm budget it is ``detectors.alpha``. With one, a retrain
+        triggers after K = ``trigger.consecutive_windows`` drifted windows in a row. If
+        stable windows drift independently with probability alpha, about
+        ``windows_per_week * alpha**K`` false triggers happen per week, so alpha is
+        ``(false_alarms_per_week / windows_per_week) ** (1 / K)``.
+        """
+        budget = self.alarm.false_alarms_per_week
+        if budget is None:
+            return self.detectors.alpha
+        # NOTE: windows share one reference sample, so their tests are not fully independent;
+        # the detection benchmark measures the realized false-alarm rate.
+        return min(budget / self.alarm.windows_per_week, 0.5) ** (1.0 / self.trigger.consecutive_windows)
 
     @property
     def state_path(self) -> Path:
@@ -279,12 +305,17 @@ def _cross_field_errors(config: Config) -> list[str]:
             f"detectors.min_samples: {detectors.min_samples} is larger than {limit_key} ({limit}), so every "
             f"window would report insufficient data; allowed: at most {limit}"
         )
-    needed = min_resamples(detectors.alpha, detectors.enabled)
+    if config.alarm.false_alarms_per_week is not None and "alpha" in detectors.model_fields_set:
+        errors.append(
+            f"detectors.alpha: {detectors.alpha} is set together with alarm.false_alarms_per_week "
+            f"({config.alarm.false_alarms_per_week}), which derives alpha; set only one of them"
+        )
+    needed = min_resamples(config.alpha, detectors.enabled)
     for key, value, signal in (("detectors.vocabulary.null_windows", detectors.vocabulary.null_windows, "vocabulary"),
                                ("detectors.embedding.permutations", detectors.embedding.permutations, "embedding")):
         if signal in detectors.enabled and value < needed:
             errors.append(
-                f"{key}: {value} is too few for detectors.alpha {detectors.alpha} split over the enabled p-value "
+                f"{key}: {value} is too few for alpha {config.alpha:.3g} split over the enabled p-value "
                 f"signals, because the smallest p-value is 1/({value}+1); allowed: at least {needed}"
             )
     if server.host == monitor.host and server.port == monitor.port:

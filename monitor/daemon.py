@@ -187,7 +187,7 @@ class MonitorDaemon:
         detectors = self.config.detectors
         evaluator = WindowEvaluator(
             profile, self.tokenizer, self.embedder,
-            alpha=detectors.alpha,
+            alpha=self.config.alpha,
             min_samples=detectors.min_samples,
             vocabulary_null_windows=detectors.vocabulary.null_windows,
             new_token_min_count=detectors.vocabulary.new_token_min_count,
@@ -509,6 +509,12 @@ class MonitorDaemon:
             "active_version": self.active_name,
             "window": window,
             "consecutive_drifted_windows": self.policy.streak,
+            "alpha": {
+                "per_window": self.config.alpha,
+                "per_signal": self.evaluator.adjusted_alpha if self.evaluator else None,
+                "false_alarms_per_week": self.config.alarm.false_alarms_per_week,
+                "windows_per_week": self.config.alarm.windows_per_week,
+            },
             "retrain_running": self.job_running(),
             "labelled_since_activation": self.store.count_labelled(since=self.active_since) if self.ready else 0,
             "recent_runs": [{"id": run["id"], "state": run["state"], "promoted_version": run["promoted_version"]} for run in runs],

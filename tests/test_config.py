@@ -85,3 +85,29 @@ def test_optional_signals_are_off_by_default():
     enabled = parse_config({}).detectors.enabled
     assert "domain_classifier" not in enabled
     assert "label_distribution" not in enabled
+
+
+def test_alpha_from_false_alarm_budget():
+    config = parse_config({"alarm": {"false_alarms_per_week": 1, "windows_per_week": 2016},
+                           "trigger": {"consecutive_windows": 2}})
+    assert config.alpha == pytest.approx((1 / 2016) ** 0.5)
+    # About windows_per_week * alpha ** K false triggers per week.
+    assert 2016 * config.alpha**2 == pytest.approx(1.0)
+
+
+def test_alpha_without_budget_is_detectors_alpha():
+    assert parse_config({"detectors": {"alpha": 0.02}}).alpha == 0.02
+
+
+def test_budget_and_alpha_together_rejected():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"alarm": {"false_alarms_per_week": 1}, "detectors": {"alpha": 0.01}})
+    message = str(caught.value)
+    assert "detectors.alpha: 0.01" in message
+    assert "alarm.false_alarms_per_week" in message
+
+
+def test_budget_raises_resample_minimum():
+    with pytest.raises(ConfigError, match="detectors.embedding.permutations: 600 is too few"):
+        parse_config({"alarm": {"false_alarms_per_week": 0.01, "windows_per_week": 10000},
+                      "trigger": {"consecutive_windows": 1}})
