@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from monitor.daemon import explain_drift
 from monitor.embedding import Embedder
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, DataError
 from monitor.evaluation import WindowEvaluator, WindowReport
 from monitor.reference import build_reference
 from monitor.sampling import Observation, WindowSampler
@@ -324,3 +324,58 @@ def test_real_minilm_embedding_drift(clinc):
     assert embedder.dimension == 384
     assert not stable.drifted
     assert shifted.drifted_signals == ["embedding"]
+
+
+ALL_SIGNALS = ("token_length", "vocabulary", "embedding", "confidence", "domain_classifier", "label_distribution")
+
+
+@pytest.fixture(scope="module")
+def full_evaluator(profile, tokenizer, embedder):
+    return WindowEvaluator(profile, tokenizer, embedder, seed=2, enabled_signals=ALL_SIGNALS,
+                           mmd_permutations=1000, vocabulary_null_windows=1000)
+
+
+def sampler_of(texts, labels, confidences, seed=0):
+    sampler = WindowSampler(sample_size=WINDOW_SIZE, seed=seed)
+    for index, (text, label, confidence) in enumerate(zip(texts, labels, confidences)):
+        sampler.add(Observation(event_id=f"edge-{index}", text=text, predicted_label=label,
+                                confidence=confidence, latency_ms=5.0, version="v1"))
+    return sampler
+
+
+def test_single_class_window_has_defined_state(full_evaluator, clinc):
+    texts = [text for text, _ in clinc["test"][:80]]
+    report = full_evaluator.evaluate("single-class", sampler_of(texts, ["balance"] * 80, [0.9] * 80))
+
+    assert report.status == "ok"
+    assert {result.status for result in report.results} == {"ok"}
+    json.dumps(report.to_dict())
+
+
+def test_identical_texts_have_defined_state(full_evaluator):
+    texts = ["what is my balance"] * 80
+    report = full_evaluator.evaluate("identical", sampler_of(texts, ["balance"] * 80, [0.9] * 80))
+
+    assert report.status == "ok"
+    assert all(result.status in ("ok", "insufficient_data") for result in report.results)
+    # One repeated text is far from the reference, so drift is the expected verdict.
+    assert report.drifted
+    json.dumps(report.to_dict())
+
+
+def test_nan_confidence_never_enters_a_window():
+    # Ingest rejects such an event with 422; the sampler refuses it as a second guard.
+    with pytest.raises(DataError, match="edge-0.*confidence must be a number in \\[0, 1\\], got nan"):
+        sampler_of(["what is my balance"], ["balance"], [float("nan")])
+
+
+def test_reference_smaller_than_window(profile, tokenizer, embedder, clinc):
+    evaluator = WindowEvaluator(profile, tokenizer, embedder, seed=3, enabled_signals=ALL_SIGNALS,
+                                mmd_permutations=1000, vocabulary_null_windows=1000,
+                                mmd_reference_sample=40, domain_classifier={"reference_sample": 40})
+    report = evaluator.evaluate("big-window", fill_sampler(stable_pairs(clinc, seed=21), profile.val_confidences, seed=21))
+
+    assert report.status == "ok"
+    embedding = next(result for result in report.results if result.signal == "embedding")
+    assert embedding.details["reference_sample"] == 40
+    assert embedding.n > 40
