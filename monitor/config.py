@@ -187,6 +187,7 @@ class AlarmConfig(_Section):
 
 class TriggerConfig(_Section):
     consecutive_windows: int = Field(2, ge=1, description="Drifted windows in a row that trigger a retrain.")
+    clear_windows: int = Field(1, ge=1, le=100, description="Clean windows in a row that end a drift streak; above 1, single clean windows do not break it.")
     min_labels: int = Field(200, ge=1, description="Labelled events received since the drift began, needed before a retrain starts.")
     cooldown_s: float = Field(300.0, ge=0.0, description="Seconds after a retrain ends before another may start.")
 
@@ -260,7 +261,8 @@ class Config(_Section):
         triggers after K = ``trigger.consecutive_windows`` drifted windows in a row. If
         stable windows drift independently with probability alpha, about
         ``windows_per_week * alpha**K`` false triggers happen per week, so alpha is
-        ``(false_alarms_per_week / windows_per_week) ** (1 / K)``.
+        ``(false_alarms_per_week / windows_per_week) ** (1 / K)``. The count assumes
+        ``trigger.clear_windows`` 1; hysteresis lets more streaks reach K.
         """
         budget = self.alarm.false_alarms_per_week
         if budget is None:

@@ -114,7 +114,7 @@ class MonitorDaemon:
         self.window = self._open_window(None)
         self.pending: deque[OpenWindow] = deque()
         self.policy = TriggerPolicy(config.trigger.consecutive_windows, config.trigger.min_labels,
-                                    config.trigger.cooldown_s)
+                                    config.trigger.cooldown_s, clear_windows=config.trigger.clear_windows)
         self.job_thread: threading.Thread | None = None
         self.cancel_requested = threading.Event()
         self.labels_alert_streak: int | None = None

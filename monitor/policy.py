@@ -4,7 +4,9 @@ A retrain is triggered after ``consecutive_windows`` drifted windows in a row,
 once enough labelled production events from the drifted period exist (events
 received since the first window of the streak started), outside the cooldown
 that follows the previous run. Windows with insufficient data neither extend
-nor break a streak.
+nor break a streak. With ``clear_windows`` above 1 the streak survives up to
+``clear_windows - 1`` clean windows in a row (hysteresis), so a drift that
+flickers between windows still counts as one episode.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ class TriggerDecision:
 
 
 class TriggerPolicy:
-    def __init__(self, consecutive_windows: int, min_labels: int, cooldown_s: float):
+    def __init__(self, consecutive_windows: int, min_labels: int, cooldown_s: float, clear_windows: int = 1):
         self.consecutive_windows = consecutive_windows
         self.min_labels = min_labels
         self.cooldown_s = cooldown_s
+        self.clear_windows = clear_windows
+        self.clean_in_a_row = 0
         self.streak = 0
         self.streak_windows: list[str] = []
         self.streak_started_at: float | None = None
         self.last_run_ended_at: float | None = None
 
     def reset(self) -> None:
+        self.clean_in_a_row = 0
         self.streak = 0
         self.streak_windows = []
         self.streak_started_at = None
@@ -49,9 +54,12 @@ class TriggerPolicy:
         if status != "ok":
             return TriggerDecision("none", self.streak)
         if not drifted:
-            self.reset()
-            return TriggerDecision("none", 0)
+            self.clean_in_a_row += 1
+            if self.streak == 0 or self.clean_in_a_row >= self.clear_windows:
+                self.reset()
+            return TriggerDecision("none", self.streak)
 
+        self.clean_in_a_row = 0
         self.streak += 1
         self.streak_windows.append(window_id)
         if self.streak_started_at is None:

@@ -54,3 +54,23 @@ def test_labels_counted_from_streak_start():
     decision = policy.observe("w2", 150.0, "ok", True, count_labelled=count, job_active=False, now=200.0)
     assert decision.action == "trigger"
     assert seen == [100.0]
+
+
+def test_hysteresis_keeps_streak_through_one_clean_window():
+    policy = TriggerPolicy(3, 100, 0, clear_windows=2)
+    observe(policy, True)
+    observe(policy, True)
+    decision = observe(policy, False)
+    assert decision.action == "none"
+    assert decision.streak == 2
+    assert observe(policy, True).action == "trigger"
+
+
+def test_hysteresis_ends_streak_after_clear_windows():
+    policy = TriggerPolicy(3, 100, 0, clear_windows=2)
+    observe(policy, True)
+    observe(policy, True)
+    observe(policy, False)
+    assert observe(policy, False).streak == 0
+    assert observe(policy, True).action == "none"
+    assert policy.streak == 1
