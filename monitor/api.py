@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.config import AuthConfig
@@ -118,6 +118,17 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
     @app.get("/v1/windows")
     def windows(limit: int = 50):
         return {"windows": daemon.store.windows(limit=min(max(limit, 1), 1000))}
+
+    @app.get("/v1/windows/{window_id}/report")
+    async def window_report(window_id: str, evidently: bool = True):
+        from monitor.report import render_window_report
+
+        try:
+            page = await run_in_threadpool(render_window_report, daemon.config, daemon.store, window_id,
+                                           evidently=evidently)
+        except NotFoundError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        return HTMLResponse(page)
 
     @app.get("/v1/retrains")
     def runs(limit: int = 50):

@@ -208,6 +208,17 @@ def cmd_versions(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from monitor.report import write_window_report
+
+    config = _config(args)
+    store, _ = _open_registry(config)
+    path = write_window_report(config, store, args.window, Path(args.output) if args.output else None,
+                               evidently=not args.no_evidently)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_history(args) -> int:
     store, _ = _open_registry(_config(args))
     for entry in store.audit_log(limit=args.limit, latest=True):
@@ -279,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--limit", type=_positive_int, default=50, help="entries to print (default 50)")
         sub.set_defaults(func=func)
     command("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
+
+    report = command("report", help="write a self-contained HTML report of one window against its reference")
+    report.add_argument("--window", required=True, help="window id, as listed by GET /v1/windows")
+    report.add_argument("--output", "-o", help="HTML file to write (default: <state_dir>/reports/<window>.html)")
+    report.add_argument("--no-evidently", action="store_true", help="leave out the Evidently part (it takes a few seconds)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -357,7 +357,8 @@ class MonitorDaemon:
             self.store.audit("monitor", "window_drifted", version=window.version,
                              detail={"window_id": window.id, "signals": report.drifted_signals,
                                      "mean_confidence": report.mean_confidence, "n_events": report.n_events,
-                                     "explanation": explain_drift(report)})
+                                     "explanation": explain_drift(report),
+                                     "report": f"/v1/windows/{window.id}/report"})
         if window.version != self.active_name:
             # A window of the previous version is no evidence about the new one.
             return

@@ -270,6 +270,24 @@ class Store:
                 )
             )
 
+    def window(self, window_id: str) -> dict[str, Any] | None:
+        """Return one window report with its version, or None when the id is unknown."""
+        with self.session() as session:
+            row = session.get(WindowRow, window_id)
+            return json.loads(row.report) | {"version": row.version} if row else None
+
+    def window_events(self, window_id: str) -> list[dict[str, Any]]:
+        """Return the events of one window in arrival order: text, prediction, confidence, latency, label."""
+        with self.session() as session:
+            rows = session.execute(
+                select(EventRow.text, EventRow.predicted_label, EventRow.confidence, EventRow.latency_ms,
+                       EventRow.true_label)
+                .where(EventRow.window_id == window_id)
+                .order_by(EventRow.received_at)
+            ).all()
+        keys = ("text", "predicted_label", "confidence", "latency_ms", "true_label")
+        return [dict(zip(keys, row)) for row in rows]
+
     def windows(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.session() as session:
             rows = session.scalars(select(WindowRow).order_by(WindowRow.ended_at.desc()).limit(limit)).all()

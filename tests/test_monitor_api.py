@@ -278,6 +278,50 @@ def test_window_closes_and_is_evaluated(client, daemon):
     assert "driftloop_events_received_total" in metrics
 
 
+def test_window_report_pages(client, daemon):
+    events = [make_event(daemon, 3500 + i, text=f"how much do i owe on card {i}") for i in range(40)]
+    client.post("/v1/events", json={"events": events})
+    daemon.tick()
+    window_id = client.get("/v1/windows").json()["windows"][0]["window_id"]
+
+    quick = client.get(f"/v1/windows/{window_id}/report", params={"evidently": "false"})
+    assert quick.status_code == 200
+    assert quick.headers["content-type"].startswith("text/html")
+    assert f"driftloop window {window_id}" in quick.text
+    assert "<h2>Signals</h2>" in quick.text
+    assert "Evidently" not in quick.text
+
+    full = client.get(f"/v1/windows/{window_id}/report")
+    assert full.status_code == 200
+    assert "Evidently data drift" in full.text
+    assert "<iframe srcdoc=" in full.text
+
+    missing = client.get("/v1/windows/w-nope/report")
+    assert missing.status_code == 404
+    assert "'w-nope' not found" in missing.json()["error"]
+
+
+def test_cli_report_writes_file(client, daemon, config, tmp_path, capsys):
+    import yaml
+
+    from monitor.cli import main
+
+    events = [make_event(daemon, 3600 + i) for i in range(40)]
+    client.post("/v1/events", json={"events": events})
+    daemon.tick()
+    window_id = client.get("/v1/windows").json()["windows"][0]["window_id"]
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    output = tmp_path / "report.html"
+
+    assert main(["report", "--config", str(config_file), "--window", window_id, "--output", str(output),
+                 "--no-evidently"]) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    assert window_id in output.read_text()
+    assert main(["report", "--config", str(config_file), "--window", "w-nope"]) == 2
+    assert "'w-nope' not found" in capsys.readouterr().err
+
+
 def test_write_endpoints_need_token(client):
     assert client.post("/v1/rollback", json={}).status_code == 401
     wrong = client.post("/v1/rollback", json={}, headers={"Authorization": "Bearer wrong"})
