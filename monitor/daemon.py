@@ -174,7 +174,7 @@ class MonitorDaemon:
 
     def _activate_reference(self, name: str) -> None:
         """Load (or build) the reference profile of ``name`` and point the detectors at it."""
-        from monitor.evaluation import WindowEvaluator
+        from monitor.evaluation import WindowEvaluator, evaluator_options
         from monitor.profiles import build_version_profile
         from monitor.reference import ReferenceProfile
 
@@ -184,25 +184,7 @@ class MonitorDaemon:
             profile = ReferenceProfile.load(profile_dir)
         else:
             profile = build_version_profile(self.config, version.adapter_dir, name, profile_dir, embedder=self.embedder)
-        detectors = self.config.detectors
-        evaluator = WindowEvaluator(
-            profile, self.tokenizer, self.embedder,
-            alpha=self.config.alpha,
-            min_samples=detectors.min_samples,
-            vocabulary_null_windows=detectors.vocabulary.null_windows,
-            new_token_min_count=detectors.vocabulary.new_token_min_count,
-            mmd_permutations=detectors.embedding.permutations,
-            mmd_reference_sample=detectors.embedding.reference_sample,
-            mmd_exact_max_points=detectors.embedding.exact_max_points,
-            mmd_random_features=detectors.embedding.random_features,
-            confidence_max_drop=detectors.confidence.max_drop,
-            low_confidence_threshold=detectors.confidence.low_confidence_threshold,
-            enabled_signals=tuple(detectors.enabled),
-            effect_floors=dict(detectors.effect_floors),
-            domain_classifier=detectors.domain_classifier.model_dump(),
-            label_distribution=detectors.label_distribution.model_dump(),
-            seed=detectors.seed,
-        )
+        evaluator = WindowEvaluator(profile, self.tokenizer, self.embedder, **evaluator_options(self.config))
         labels = json.loads((version.adapter_dir / "labels.json").read_text())
         with self.lock:
             self.evaluator = evaluator

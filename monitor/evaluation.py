@@ -25,7 +25,7 @@ from monitor.detectors.label_shift import LabelShiftDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
-from monitor.config import DEFAULT_SIGNALS, EMBEDDING_SIGNALS, P_VALUE_SIGNALS, SIGNALS, min_resamples
+from monitor.config import DEFAULT_SIGNALS, EMBEDDING_SIGNALS, P_VALUE_SIGNALS, SIGNALS, Config, min_resamples
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
 from monitor.reference import ReferenceProfile, tokenize_counts
@@ -272,3 +272,25 @@ class WindowEvaluator:
         if name == "confidence":
             return self.detectors[name].max_drop
         return self.adjusted_alpha
+
+
+def evaluator_options(config: Config) -> dict:
+    """Map a loaded config to the keyword arguments of WindowEvaluator."""
+    detectors = config.detectors
+    return {
+        "alpha": config.alpha,
+        "min_samples": detectors.min_samples,
+        "vocabulary_null_windows": detectors.vocabulary.null_windows,
+        "new_token_min_count": detectors.vocabulary.new_token_min_count,
+        "mmd_permutations": detectors.embedding.permutations,
+        "mmd_reference_sample": detectors.embedding.reference_sample,
+        "mmd_exact_max_points": detectors.embedding.exact_max_points,
+        "mmd_random_features": detectors.embedding.random_features,
+        "confidence_max_drop": detectors.confidence.max_drop,
+        "low_confidence_threshold": detectors.confidence.low_confidence_threshold,
+        "enabled_signals": tuple(detectors.enabled),
+        "effect_floors": dict(detectors.effect_floors),
+        "domain_classifier": detectors.domain_classifier.model_dump(),
+        "label_distribution": detectors.label_distribution.model_dump(),
+        "seed": detectors.seed,
+    }
