@@ -395,7 +395,7 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
     """Evaluate ``count`` seeded windows of one scenario and count the flagged windows per signal."""
     tallies: dict[str, SignalTally] = {}
     rng = np.random.default_rng(seed)
-    # The alarm on-call sees is the retrain trigger: K drifted windows in a row, K from the demo config.
+    # The alarm that reaches on-call is the retrain trigger: K drifted windows in a row, K from the demo config.
     trigger = load_config(DEMO_CONFIG).trigger
     policy = TriggerPolicy(trigger.consecutive_windows, min_labels=0, cooldown_s=0.0,
                            clear_windows=trigger.clear_windows)

@@ -31,6 +31,16 @@ P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding", "domain_classifier
 EMBEDDING_SIGNALS = ("embedding", "domain_classifier")
 
 
+def check_effect_floors(floors: dict[str, Any]) -> dict[str, float]:
+    """Return ``floors`` if every key is a p-value signal and every value a number >= 0, else raise ValueError."""
+    for name, floor in floors.items():
+        if name not in P_VALUE_SIGNALS:
+            raise ValueError(f"unknown signal {name!r}; allowed: {', '.join(P_VALUE_SIGNALS)}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
+            raise ValueError(f"floor of {name!r} is {floor!r}; it must be a number >= 0")
+    return floors
+
+
 def min_resamples(alpha: float, enabled_signals: Iterable[str]) -> int:
     """Return the fewest resamples B for which a resampling test can reject at the adjusted alpha.
 
@@ -159,12 +169,7 @@ class DetectorsConfig(_Section):
     @field_validator("effect_floors")
     @classmethod
     def _known_floors(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, floor in value.items():
-            if name not in P_VALUE_SIGNALS:
-                raise ValueError(f"unknown signal {name!r}; allowed: {', '.join(P_VALUE_SIGNALS)}")
-            if not floor >= 0:
-                raise ValueError(f"floor of {name!r} is {floor}; it must be >= 0")
-        return value
+        return check_effect_floors(value)
 
     @field_validator("enabled")
     @classmethod

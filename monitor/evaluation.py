@@ -25,7 +25,15 @@ from monitor.detectors.label_shift import LabelShiftDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
-from monitor.config import DEFAULT_SIGNALS, EMBEDDING_SIGNALS, P_VALUE_SIGNALS, SIGNALS, Config, min_resamples
+from monitor.config import (
+    DEFAULT_SIGNALS,
+    EMBEDDING_SIGNALS,
+    P_VALUE_SIGNALS,
+    SIGNALS,
+    Config,
+    check_effect_floors,
+    min_resamples,
+)
 from monitor.embedding import Embedder
 from monitor.errors import ConfigError
 from monitor.reference import ReferenceProfile, tokenize_counts
@@ -123,13 +131,10 @@ class WindowEvaluator:
             raise ConfigError(
                 f"enabled_signals must be a non-empty subset of {list(SIGNALS)}, got {list(enabled_signals)}"
             )
-        floors = dict(effect_floors or {})
-        for name, floor in floors.items():
-            if name not in P_VALUE_SIGNALS or not isinstance(floor, (int, float)) or not floor >= 0:
-                raise ConfigError(
-                    f"effect_floors[{name!r}] = {floor!r}: expected a number >= 0 for one of {list(P_VALUE_SIGNALS)}"
-                )
-        self.effect_floors = floors
+        try:
+            self.effect_floors = check_effect_floors(dict(effect_floors or {}))
+        except ValueError as error:
+            raise ConfigError(f"effect_floors: {error}") from None
         self.profile = profile
         self.tokenizer = tokenizer
         self.embedder = embedder

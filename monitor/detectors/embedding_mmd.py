@@ -119,7 +119,7 @@ class EmbeddingMMDDetector:
     ``|mean phi(x) - mean phi(y)|²`` on random Fourier features phi of the same
     kernel, with the bandwidth from the median heuristic on at most
     ``exact_max_points`` pooled points. The permutation null is recomputed on the
-    same features, so the p-value stays exact for this statistic; only its power
+    same features, so the p-value stays exact for this statistic. Only its power
     depends on how well D features approximate the kernel.
 
     Reference: Gretton, Borgwardt, Rasch, Schölkopf and Smola (2012), "A kernel
