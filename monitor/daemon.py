@@ -71,6 +71,10 @@ def lock_state_dir(state_path: Path) -> TextIO:
     return handle
 
 
+# Signals that quote the window texts most unlike the reference, in the order they are quoted.
+TYPICAL_EXAMPLE_SIGNALS = ("novelty", "domain_classifier")
+
+
 def explain_drift(report) -> dict[str, Any]:
     """Summarise why a window drifted: each drifted signal's evidence, new tokens and typical texts."""
     evidence = {}
@@ -83,9 +87,13 @@ def explain_drift(report) -> dict[str, Any]:
     tokens = details.get("vocabulary", {}).get("new_frequent_tokens")
     if tokens:
         explanation["new_frequent_tokens"] = tokens
-    examples = details.get("domain_classifier", {}).get("typical_examples")
+    examples = []
+    for signal in TYPICAL_EXAMPLE_SIGNALS:
+        for example in details.get(signal, {}).get("typical_examples") or []:
+            if example.get("text") and example["text"] not in examples:
+                examples.append(example["text"])
     if examples:
-        explanation["typical_examples"] = [example["text"] for example in examples if example.get("text")]
+        explanation["typical_examples"] = examples
     return explanation
 
 
@@ -180,9 +188,11 @@ class MonitorDaemon:
 
         version = self.registry.get(name)
         profile_dir = self.registry.profile_dir(name)
-        if (profile_dir / "profile.json").is_file():
-            profile = ReferenceProfile.load(profile_dir)
-        else:
+        profile = ReferenceProfile.load(profile_dir) if (profile_dir / "profile.json").is_file() else None
+        if profile is not None and not profile.has_calibration_pool:
+            logger.info("reference profile of version %s has no calibration pool; rebuilding it", name)
+            profile = None
+        if profile is None:
             profile = build_version_profile(self.config, version.adapter_dir, name, profile_dir, embedder=self.embedder)
         evaluator = WindowEvaluator(profile, self.tokenizer, self.embedder, **evaluator_options(self.config))
         labels = json.loads((version.adapter_dir / "labels.json").read_text())

@@ -22,10 +22,13 @@ from monitor.detectors.confidence import ConfidenceDetector
 from monitor.detectors.domain_classifier import DomainClassifierDetector
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
 from monitor.detectors.label_shift import LabelShiftDetector
+from monitor.detectors.novelty import NoveltyDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
+from monitor.calibration import NullCalibration, heldout_window_indices
 from monitor.config import (
+    CALIBRATED_SIGNALS,
     DEFAULT_SIGNALS,
     EMBEDDING_SIGNALS,
     P_VALUE_SIGNALS,
@@ -35,7 +38,7 @@ from monitor.config import (
     min_resamples,
 )
 from monitor.embedding import Embedder
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, InsufficientSamplesError
 from monitor.reference import ReferenceProfile, tokenize_counts
 from monitor.sampling import WindowSampler
 
@@ -90,17 +93,25 @@ class WindowReport:
 class WindowEvaluator:
     """Runs the enabled drift detectors of one reference profile on window samples.
 
-    The p-value signals (token length, vocabulary, embedding) share the family-wise
-    level ``alpha`` by the Bonferroni correction. Each one drifts when its p-value
-    is below ``alpha / k``, with k the number of enabled p-value signals. That
-    adjusted level is each result's ``threshold``. The confidence signal
-    uses its effect threshold ``confidence_max_drop``. A window drifts when any
-    signal drifts.
+    The p-value signals (token length, vocabulary, embedding, novelty and the
+    optional ones) share the family-wise level ``alpha`` by the Bonferroni
+    correction. Each one drifts when its p-value is below ``alpha / k``, with k
+    the number of enabled p-value signals. That adjusted level is each result's
+    ``threshold``. The confidence signal uses its effect threshold
+    ``confidence_max_drop``. A window drifts when any signal drifts.
 
-    ``vocabulary_null_windows`` and ``mmd_permutations`` are raised, with a logged
-    warning, to at least ``min_resamples(alpha, enabled_signals)``, because a
-    resampling p-value cannot fall below ``1 / (B + 1)``. A loaded config is
-    already checked against that minimum; the raise guards direct callers.
+    Calibration: when the profile has a calibration pool and
+    ``calibration_windows`` is above 0, the first window of each sample size n
+    draws ``calibration_windows`` windows of n pool texts, and the statistics of
+    token length, vocabulary and embedding on them become those detectors'
+    nulls (see monitor.calibration). The pool holds validation texts that the
+    reference statistics never saw, so the null includes the gap between
+    training data and fresh data of the same distribution.
+
+    ``vocabulary_null_windows`` and ``mmd_permutations`` are raised to at least
+    ``min_resamples(alpha, enabled_signals)``, because a resampling p-value
+    cannot fall below ``1 / (B + 1)``. Those nulls serve only when calibration
+    is off, which also logs the raise as a warning.
     """
 
     def __init__(
@@ -124,6 +135,9 @@ class WindowEvaluator:
         effect_floors: dict[str, float] | None = None,
         domain_classifier: dict | None = None,
         label_distribution: dict | None = None,
+        novelty: dict | None = None,
+        calibration_windows: int = 1000,
+        calibration_tail_size: int = 50,
     ):
         enabled = tuple(enabled_signals)
         unknown = [name for name in enabled if name not in SIGNALS]
@@ -143,6 +157,11 @@ class WindowEvaluator:
         self.enabled_signals = tuple(name for name in SIGNALS if name in enabled)
         n_p_value_signals = sum(name in P_VALUE_SIGNALS for name in self.enabled_signals)
         self.adjusted_alpha = self.alpha / max(n_p_value_signals, 1)
+        if isinstance(calibration_windows, bool) or not isinstance(calibration_windows, int) or calibration_windows < 0:
+            raise ConfigError(f"calibration_windows must be an integer >= 0, got {calibration_windows!r}")
+        self.calibration_windows = calibration_windows
+        self.calibration_tail_size = calibration_tail_size
+        self.calibrated = calibration_windows > 0 and profile.has_calibration_pool
         self.vocabulary_null_windows = self._enough_resamples("vocabulary_null_windows", vocabulary_null_windows)
         self.mmd_permutations = self._enough_resamples("mmd_permutations", mmd_permutations)
 
@@ -178,20 +197,80 @@ class WindowEvaluator:
                 min_samples=min_samples,
                 **(label_distribution or {}),
             ),
+            "novelty": lambda: NoveltyDetector(
+                alpha=self.adjusted_alpha,
+                min_samples=min_samples,
+                **(novelty or {}),
+            ),
             "confidence": lambda: ConfidenceDetector(
                 max_drop=confidence_max_drop,
                 low_confidence_threshold=low_confidence_threshold,
                 min_samples=min_samples,
             ),
         }
-        self.detectors = {name: factories[name]().fit(profile) for name in self.enabled_signals}
+        self.detectors = {}
+        # Signals whose detector cannot fit this profile, with the reason; they report insufficient_data.
+        self.unavailable: dict[str, str] = {}
+        for name in self.enabled_signals:
+            detector = factories[name]()
+            try:
+                self.detectors[name] = detector.fit(profile)
+            except InsufficientSamplesError as error:
+                self.unavailable[name] = str(error)
+                logger.warning("signal %s is unavailable for this reference profile and reports insufficient "
+                               "data: %s", name, error)
         self.accuracy_estimator = AccuracyEstimator(min_samples=self.min_samples).fit(profile)
+        self.pool = self._calibration_pool(profile) if self.calibrated else None
+        self._calibration_seed = seed
+
+    @staticmethod
+    def _calibration_pool(profile: ReferenceProfile) -> WindowFeatures:
+        n = len(profile.pool_token_ids)
+        return WindowFeatures(
+            token_counts=profile.pool_token_counts,
+            token_ids=profile.pool_token_ids,
+            embeddings=profile.pool_embeddings,
+            confidences=np.full(n, np.nan),
+            predicted_labels=[""] * n,
+            n_total=n,
+        )
+
+    def calibrate(self, n: int) -> dict[str, NullCalibration]:
+        """Calibrate the nulls of the enabled calibrated signals for windows of ``n`` sampled texts.
+
+        Returns the calibrations by signal; empty when calibration is off. A size
+        already calibrated is not redone.
+        """
+        if not self.calibrated:
+            return {}
+        names = [name for name in CALIBRATED_SIGNALS if name in self.detectors]
+        missing = [name for name in names if self.detectors[name].calibration_for(n) is None]
+        if missing:
+            started = time.perf_counter()
+            rng = np.random.default_rng([self._calibration_seed, int(n)])
+            windows = heldout_window_indices(len(self.pool.token_ids), int(n), self.calibration_windows, rng)
+            for name in missing:
+                statistics = self.detectors[name].calibration_statistics(self.pool, windows)
+                try:
+                    calibration = NullCalibration(name, int(n), statistics,
+                                                  min(self.calibration_tail_size, windows.shape[0] - 1))
+                except (ConfigError, InsufficientSamplesError) as error:
+                    logger.warning("%s keeps its own null for windows of %d texts: %s", name, n, error)
+                    continue
+                self.detectors[name].set_calibration(calibration)
+            logger.info("calibrated the nulls of %s for windows of %d texts on %d held-out windows of %d pool "
+                        "texts in %.1f s", ", ".join(missing), n, windows.shape[0], len(self.pool.token_ids),
+                        time.perf_counter() - started)
+        return {name: self.detectors[name].calibration_for(n) for name in names}
 
     def _enough_resamples(self, name: str, requested: int) -> int:
         """Return ``requested``, or the minimum from ``min_resamples`` when that is larger."""
         needed = min_resamples(self.alpha, self.enabled_signals)
         if not isinstance(requested, int) or requested >= needed:
             return requested
+        if self.calibrated:
+            # The resampled null serves no window while calibration is on.
+            return needed
         logger.warning(
             "raising %s from %d to %d: with B resamples the smallest p-value is 1/(B+1), "
             "which must be below the Bonferroni-adjusted alpha %.3g",
@@ -232,7 +311,13 @@ class WindowEvaluator:
             ]
         else:
             window = self.featurise(sampler)
-            results = [self._apply_effect_floor(self.detectors[name].test(window)) for name in self.enabled_signals]
+            self.calibrate(n_sampled)
+            results = [
+                self._apply_effect_floor(self.detectors[name].test(window)) if name in self.detectors
+                else insufficient_result(name, n_sampled, self.min_samples, self._threshold(name),
+                                         {"reason": self.unavailable[name]})
+                for name in self.enabled_signals
+            ]
 
         drifted_signals = [result.signal for result in results if result.drifted]
         # In a full window a signal may still report insufficient_data (texts without tokens), and the others still count.
@@ -274,7 +359,7 @@ class WindowEvaluator:
         return replace(result, details=details)
 
     def _threshold(self, name: str) -> float:
-        if name == "confidence":
+        if name == "confidence" and name in self.detectors:
             return self.detectors[name].max_drop
         return self.adjusted_alpha
 
@@ -297,5 +382,8 @@ def evaluator_options(config: Config) -> dict:
         "effect_floors": dict(detectors.effect_floors),
         "domain_classifier": detectors.domain_classifier.model_dump(),
         "label_distribution": detectors.label_distribution.model_dump(),
+        "novelty": detectors.novelty.model_dump(),
+        "calibration_windows": detectors.calibration.windows,
+        "calibration_tail_size": detectors.calibration.tail_size,
         "seed": detectors.seed,
     }

@@ -84,6 +84,12 @@ class ReferenceProfile:
         Gold label of each validation text, in the order of ``val_predicted_labels``.
         None for a profile built without them, including every profile saved
         before the field existed.
+    pool_token_ids, pool_token_counts, pool_embeddings : optional
+        Token ids, token counts and embeddings of the calibration pool: a seeded
+        sample of at most ``embedding_sample`` validation texts, which none of the
+        training-text statistics above saw. Detectors draw windows from it to
+        calibrate their null distributions (see monitor.calibration). None in a
+        profile saved before the pool existed.
     """
 
     token_counts: np.ndarray
@@ -99,6 +105,14 @@ class ReferenceProfile:
     label_distribution: dict[str, float]
     meta: dict = field(default_factory=dict)
     val_gold_labels: list[str] | None = None
+    pool_token_ids: list[list[int]] | None = None
+    pool_token_counts: np.ndarray | None = None
+    pool_embeddings: np.ndarray | None = None
+
+    @property
+    def has_calibration_pool(self) -> bool:
+        """True when the profile carries the calibration pool's tokens and embeddings."""
+        return self.pool_token_ids is not None and self.pool_embeddings is not None
 
     @property
     def val_correct(self) -> np.ndarray | None:
@@ -129,12 +143,7 @@ class ReferenceProfile:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
 
-        heldout_lengths = np.fromiter((len(row) for row in self.heldout_token_ids), dtype=np.int64)
-        heldout_flat = np.fromiter(
-            (token for row in self.heldout_token_ids for token in row),
-            dtype=np.int64,
-            count=int(heldout_lengths.sum()),
-        )
+        heldout_flat, heldout_lengths = _flatten(self.heldout_token_ids)
         arrays = {
             "token_counts": np.asarray(self.token_counts, dtype=np.int64),
             "token_frequencies": np.asarray(self.token_frequencies, dtype=np.float64),
@@ -143,6 +152,10 @@ class ReferenceProfile:
             "heldout_flat": heldout_flat,
             "heldout_lengths": heldout_lengths,
         }
+        if self.has_calibration_pool:
+            arrays["pool_flat"], arrays["pool_lengths"] = _flatten(self.pool_token_ids)
+            arrays["pool_token_counts"] = np.asarray(self.pool_token_counts, dtype=np.int64)
+            arrays["pool_embeddings"] = np.asarray(self.pool_embeddings, dtype=np.float32)
         document = {
             "format_version": PROFILE_FORMAT_VERSION,
             "max_length": int(self.max_length),
@@ -203,12 +216,9 @@ class ReferenceProfile:
             raise DataError(f"reference arrays {arrays_path} are unreadable: {error}") from error
 
         try:
-            lengths = arrays["heldout_lengths"]
-            flat = arrays["heldout_flat"]
-            if int(lengths.sum()) != flat.shape[0]:
-                raise DataError(f"reference arrays {arrays_path}: held-out lengths do not match the token ids")
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            heldout = [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(lengths))]
+            heldout = _unflatten(arrays["heldout_flat"], arrays["heldout_lengths"], arrays_path)
+            # Profiles saved before the calibration pool existed have none of its arrays.
+            has_pool = "pool_flat" in arrays
             profile = cls(
                 token_counts=arrays["token_counts"].astype(np.int64),
                 max_length=int(document["max_length"]),
@@ -224,6 +234,9 @@ class ReferenceProfile:
                 meta=dict(document["meta"]),
                 # Profiles saved before this field existed have no such key.
                 val_gold_labels=_optional_labels(document.get("val_gold_labels")),
+                pool_token_ids=_unflatten(arrays["pool_flat"], arrays["pool_lengths"], arrays_path) if has_pool else None,
+                pool_token_counts=arrays["pool_token_counts"].astype(np.int64) if has_pool else None,
+                pool_embeddings=arrays["pool_embeddings"].astype(np.float32) if has_pool else None,
             )
         except KeyError as error:
             raise DataError(f"reference profile in {directory} is missing the field {error}") from error
@@ -242,7 +255,29 @@ class ReferenceProfile:
                 f"reference profile in {directory}: {len(profile.val_gold_labels)} validation gold labels "
                 f"but {len(profile.val_predicted_labels)} validation predictions"
             )
+        if profile.has_calibration_pool:
+            sizes = {len(profile.pool_token_ids), profile.pool_token_counts.shape[0], profile.pool_embeddings.shape[0]}
+            if len(sizes) != 1 or profile.pool_embeddings.ndim != 2:
+                raise DataError(
+                    f"reference arrays {arrays_path}: the calibration pool's token ids, token counts and "
+                    f"embeddings differ in length or shape"
+                )
         return profile
+
+
+def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (all ids in one array, length of each row) for saving ragged token ids."""
+    lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter((token for row in rows for token in row), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _unflatten(flat: np.ndarray, lengths: np.ndarray, path: Path) -> list[list[int]]:
+    """Invert ``_flatten``; raise DataError naming ``path`` when the arrays disagree."""
+    if int(lengths.sum()) != flat.shape[0]:
+        raise DataError(f"reference arrays {path}: token id lengths do not match the token ids")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(lengths))]
 
 
 def _optional_labels(value) -> list[str] | None:
@@ -276,7 +311,8 @@ def build_reference(
         Training texts. A seeded random ``heldout_fraction`` of them is kept out
         of ``token_frequencies`` to calibrate the vocabulary detector's null.
     val_texts : list of str
-        Validation texts. Only their count is used, to check ``val_probabilities``.
+        Validation texts. A seeded sample of at most ``embedding_sample`` of them
+        is tokenized and embedded as the calibration pool.
     val_probabilities : numpy.ndarray, shape (len(val_texts), len(labels))
         Classifier class probabilities on the validation texts.
     labels : list of str
@@ -288,7 +324,7 @@ def build_reference(
     max_length : int
         Length limit at which the classifier truncates its input.
     embedding_sample : int
-        Maximum number of training texts to embed.
+        Maximum number of training texts to embed, and of validation texts in the calibration pool.
     heldout_fraction : float
         Share of training texts held out, in (0, 1).
     seed : int
@@ -360,6 +396,11 @@ def build_reference(
     embed_index = np.sort(rng.choice(len(train_texts), size=n_embed, replace=False))
     embeddings = embedder.encode([train_texts[i] for i in embed_index])
 
+    pool_index = np.sort(rng.choice(len(val_texts), size=min(embedding_sample, len(val_texts)), replace=False))
+    pool_texts = [val_texts[i] for i in pool_index]
+    pool_token_counts, pool_token_ids = tokenize_counts(tokenizer, pool_texts)
+    pool_embeddings = embedder.encode(pool_texts)
+
     confidences = probabilities.max(axis=1)
     predicted = [labels[i] for i in probabilities.argmax(axis=1)]
     label_distribution = {label: 0.0 for label in labels}
@@ -374,6 +415,7 @@ def build_reference(
         "n_heldout_texts": n_heldout,
         "n_val": len(val_texts),
         "n_embedded_texts": n_embed,
+        "n_pool_texts": len(pool_texts),
         "model": getattr(tokenizer, "name_or_path", None),
         "embedding_model": getattr(embedder, "model_path", None),
         "seed": seed,
@@ -398,6 +440,9 @@ def build_reference(
         label_distribution=label_distribution,
         meta=profile_meta,
         val_gold_labels=val_gold_labels,
+        pool_token_ids=pool_token_ids,
+        pool_token_counts=pool_token_counts,
+        pool_embeddings=np.asarray(pool_embeddings, dtype=np.float32),
     )
 
 

@@ -124,6 +124,11 @@ def _explanation_section(window: dict) -> str:
     if tokens:
         rows = [[token, counts[index] if index < len(counts) else None] for index, token in enumerate(tokens)]
         parts.append("<h3>New frequent tokens</h3>" + _table(["token", "count in window"], rows))
+    novel = details.get("novelty", {}).get("typical_examples") or []
+    if novel:
+        rows = [[example.get("text"), example.get("score")] for example in novel]
+        parts.append("<h3>Texts farthest from the training data</h3>"
+                     + _table(["text", "cosine distance to the nearest training text"], rows))
     examples = details.get("domain_classifier", {}).get("typical_examples") or []
     if examples:
         rows = [[example.get("text"), example.get("score")] for example in examples]

@@ -32,16 +32,19 @@ def test_defaults_without_file():
         ({"monitor": {"window_size": 60, "sample_size": 60}, "detectors": {"min_samples": 200}},
          "detectors.min_samples", "200"),
         ({"server": {"port": 9000}, "monitor": {"port": 9000}}, "server.port", "9000"),
-        ({"detectors": {"embedding": {"permutations": 200}}}, "detectors.embedding.permutations", "at least 600"),
-        ({"detectors": {"alpha": 0.001, "vocabulary": {"null_windows": 600}}},
-         "detectors.vocabulary.null_windows", "at least 6000"),
+        ({"detectors": {"alpha": 0.01, "calibration": {"windows": 0}, "embedding": {"permutations": 200}}},
+         "detectors.embedding.permutations", "at least 800"),
+        ({"detectors": {"calibration": {"windows": 0}, "vocabulary": {"null_windows": 600}}},
+         "detectors.vocabulary.null_windows", "at least 8000"),
+        ({"detectors": {"calibration": {"windows": 30}}}, "detectors.calibration.windows", "30"),
+        ({"detectors": {"novelty": {"quantile": 1.0}}}, "detectors.novelty.quantile", "1.0"),
         ({"detectors": {"effect_floors": {"confidence": 0.1}}}, "detectors.effect_floors", "'confidence'"),
         ({"detectors": {"enabled": ["domain_classifier"], "min_samples": 5, "domain_classifier": {"folds": 8}}},
          "detectors.domain_classifier.folds", "8"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
-         "too-few-null-windows", "floor-for-confidence", "folds-above-min-samples"],
+         "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "folds-above-min-samples"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:
@@ -72,8 +75,8 @@ def test_relative_paths_follow_config_file(tmp_path):
 
 
 def test_fewer_signals_need_fewer_resamples():
-    config = parse_config({"detectors": {"enabled": ["embedding", "confidence"],
-                                         "embedding": {"permutations": 200}}})
+    config = parse_config({"detectors": {"enabled": ["embedding", "confidence"], "alpha": 0.01,
+                                         "calibration": {"windows": 0}, "embedding": {"permutations": 200}}})
     assert config.detectors.embedding.permutations == 200
 
 
@@ -110,4 +113,10 @@ def test_budget_and_alpha_together_rejected():
 def test_budget_raises_resample_minimum():
     with pytest.raises(ConfigError, match="detectors.embedding.permutations: 600 is too few"):
         parse_config({"alarm": {"false_alarms_per_week": 0.01, "windows_per_week": 10000},
-                      "trigger": {"consecutive_windows": 1}})
+                      "trigger": {"consecutive_windows": 1}, "detectors": {"calibration": {"windows": 0}}})
+
+
+def test_calibration_lifts_the_resample_minimum():
+    config = parse_config({"detectors": {"alpha": 0.0001, "embedding": {"permutations": 600}}})
+    assert config.detectors.calibration.windows == 1000
+    assert config.detectors.embedding.permutations == 600

@@ -134,10 +134,14 @@ def test_stable_window_not_drifted(evaluator, clinc, profile):
     assert report.status == "ok"
     assert report.n_events == 600
     assert report.n_sampled == WINDOW_SIZE
-    assert [result.signal for result in report.results] == ["token_length", "vocabulary", "embedding", "confidence"]
+    assert [result.signal for result in report.results] == [
+        "token_length", "vocabulary", "embedding", "novelty", "confidence"]
     assert all(result.status == "ok" for result in report.results)
     assert report.drifted_signals == []
     assert not report.drifted
+    nulls = {result.signal: result.details.get("null") for result in report.results}
+    assert nulls["token_length"] == nulls["vocabulary"] == nulls["embedding"] == "heldout_windows"
+    assert nulls["novelty"] == "negative_hypergeometric"
 
 
 def test_shifted_window_drifted(evaluator, clinc, profile):
@@ -219,9 +223,8 @@ def test_bonferroni_thresholds(evaluator, clinc, profile):
     report = evaluator.evaluate("w", sampler)
 
     thresholds = {result.signal: result.threshold for result in report.results}
-    assert thresholds["token_length"] == pytest.approx(0.01 / 3)
-    assert thresholds["vocabulary"] == pytest.approx(0.01 / 3)
-    assert thresholds["embedding"] == pytest.approx(0.01 / 3)
+    for signal in ("token_length", "vocabulary", "embedding", "novelty"):
+        assert thresholds[signal] == pytest.approx(0.01 / 4)
     assert thresholds["confidence"] == pytest.approx(0.1)
     for result in report.results:
         if result.p_value is not None and result.signal != "confidence":
@@ -229,13 +232,18 @@ def test_bonferroni_thresholds(evaluator, clinc, profile):
 
 
 def test_resample_counts_raised_for_bonferroni(evaluator, profile, tokenizer, embedder, caplog):
-    # With alpha 0.01 over three p-value signals, 200 resamples could never reach p < 0.0033.
-    assert evaluator.mmd_permutations == 600
-    assert evaluator.vocabulary_null_windows == 600
-    assert evaluator.detectors["embedding"].permutations == 600
+    # With alpha 0.01 over four p-value signals, 200 resamples could never reach p < 0.0025.
+    assert evaluator.mmd_permutations == 800
+    assert evaluator.vocabulary_null_windows == 800
+    assert evaluator.detectors["embedding"].permutations == 800
 
+    # With calibration on, the resampled nulls serve no window, so the raise is silent.
     with caplog.at_level("WARNING", logger="monitor.evaluation"):
         WindowEvaluator(profile, tokenizer, embedder, alpha=0.01, mmd_permutations=50, enabled_signals=("embedding",))
+    assert "raising" not in caplog.text
+    with caplog.at_level("WARNING", logger="monitor.evaluation"):
+        WindowEvaluator(profile, tokenizer, embedder, alpha=0.01, mmd_permutations=50, enabled_signals=("embedding",),
+                        calibration_windows=0)
     assert "raising mmd_permutations from 50 to 200" in caplog.text
 
 
@@ -251,7 +259,7 @@ def test_report_fields_and_json(evaluator, clinc, profile):
     assert document["mean_confidence"] == pytest.approx(sampler.mean_confidence)
     assert document["latency_p50_ms"] == pytest.approx(sampler.latency_quantiles()["p50"])
     assert document["started_at"] <= document["ended_at"]
-    assert len(document["results"]) == 4
+    assert len(document["results"]) == 5
 
 
 def test_small_window_insufficient(evaluator, clinc, profile):
@@ -379,3 +387,30 @@ def test_reference_smaller_than_window(profile, tokenizer, embedder, clinc):
     embedding = next(result for result in report.results if result.signal == "embedding")
     assert embedding.details["reference_sample"] == 40
     assert embedding.n > 40
+
+
+def test_profile_without_pool_keeps_the_detectors_own_nulls(profile, tokenizer, embedder, clinc, caplog):
+    from dataclasses import replace
+
+    old = replace(profile, pool_token_ids=None, pool_token_counts=None, pool_embeddings=None)
+    with caplog.at_level("WARNING", logger="monitor.evaluation"):
+        evaluator = WindowEvaluator(old, tokenizer, embedder)
+    assert "signal novelty is unavailable" in caplog.text
+    assert not evaluator.calibrated
+    report = evaluator.evaluate("old", fill_sampler(stable_pairs(clinc, seed=21), profile.val_confidences, seed=21))
+    by_signal = {result.signal: result for result in report.results}
+    nulls = {name: by_signal[name].details["null"] for name in ("token_length", "vocabulary", "embedding")}
+    assert nulls == {"token_length": "asymptotic", "vocabulary": "heldout_training_texts", "embedding": "permutations"}
+    assert by_signal["novelty"].status == "insufficient_data"
+    assert "no calibration pool" in by_signal["novelty"].details["reason"]
+    assert report.status == "ok"
+
+
+def test_calibration_runs_once_per_sample_size(evaluator, caplog):
+    with caplog.at_level("INFO", logger="monitor.evaluation"):
+        first = evaluator.calibrate(57)
+        second = evaluator.calibrate(57)
+    assert set(first) == {"token_length", "vocabulary", "embedding"}
+    assert all(first[name] is second[name] for name in first)
+    assert all(calibration.n_windows == 1000 and calibration.sample_size == 57 for calibration in first.values())
+    assert caplog.text.count("calibrated the nulls") == 1

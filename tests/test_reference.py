@@ -327,3 +327,41 @@ def test_profile_load_invalid_gold_labels(profile, tmp_path):
 
     with pytest.raises(DataError, match="val_gold_labels"):
         ReferenceProfile.load(tmp_path)
+
+
+def test_build_reference_calibration_pool_is_a_validation_sample(profile, tokenizer):
+    assert profile.has_calibration_pool
+    # 60 validation texts, capped at embedding_sample 50.
+    assert len(profile.pool_token_ids) == 50 == profile.pool_embeddings.shape[0] == profile.pool_token_counts.shape[0]
+    assert profile.meta["n_pool_texts"] == 50
+    validation_ids = {tuple(ids) for ids in tokenize_counts(tokenizer, make_texts(60, seed=1))[1]}
+    assert all(tuple(ids) in validation_ids for ids in profile.pool_token_ids)
+
+
+def test_profile_round_trip_keeps_the_pool(profile, tmp_path):
+    profile.save(tmp_path)
+    loaded = ReferenceProfile.load(tmp_path)
+    assert loaded.pool_token_ids == profile.pool_token_ids
+    np.testing.assert_array_equal(loaded.pool_token_counts, profile.pool_token_counts)
+    np.testing.assert_array_equal(loaded.pool_embeddings, profile.pool_embeddings)
+
+
+def test_profile_saved_without_pool_loads_without_one(profile, tmp_path):
+    # A profile written before the calibration pool existed has none of its arrays.
+    profile.save(tmp_path)
+    with np.load(tmp_path / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files if not name.startswith("pool_")}
+    np.savez_compressed(tmp_path / "arrays.npz", **arrays)
+    loaded = ReferenceProfile.load(tmp_path)
+    assert not loaded.has_calibration_pool
+    assert loaded.pool_embeddings is None
+
+
+def test_profile_load_rejects_a_ragged_pool(profile, tmp_path):
+    profile.save(tmp_path)
+    with np.load(tmp_path / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["pool_embeddings"] = arrays["pool_embeddings"][:-1]
+    np.savez_compressed(tmp_path / "arrays.npz", **arrays)
+    with pytest.raises(DataError, match="calibration pool"):
+        ReferenceProfile.load(tmp_path)

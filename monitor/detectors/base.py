@@ -148,6 +148,28 @@ def validate_positive_int(name: str, value: int) -> int:
     return value
 
 
+def validate_example_count(value: int) -> int:
+    """Return ``value``, raising ConfigError unless it is an integer >= 0 (a number of quoted texts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"typical_examples must be an integer >= 0, got {value!r}")
+    return value
+
+
+def top_examples(scores: np.ndarray, texts: list[str] | None, count: int, above: float = -np.inf) -> list[dict]:
+    """Return up to ``count`` window texts with the highest ``scores`` above ``above``, highest first.
+
+    A stable sort on the negated scores keeps the window order among equal
+    scores. Each entry has the text's window index, the text (None without
+    texts) and its score.
+    """
+    order = np.argsort(-np.asarray(scores), kind="stable")[:count]
+    return [
+        {"index": int(index), "text": texts[index] if texts else None, "score": float(scores[index])}
+        for index in order
+        if scores[index] > above
+    ]
+
+
 def validate_resample_count(name: str, value: int, alpha: float) -> int:
     """Return ``value``, raising ConfigError unless ``1 / (value + 1) < alpha``.
 
@@ -196,3 +218,29 @@ def permutation_p_value(null_statistics: np.ndarray, observed: float) -> float:
     null_statistics = np.asarray(null_statistics, dtype=np.float64)
     exceed = int(np.count_nonzero(null_statistics >= observed))
     return (exceed + 1) / (null_statistics.shape[0] + 1)
+
+
+class CalibratedNull:
+    """Mixin for detectors whose p-value can come from held-out reference windows.
+
+    A detector keeps one ``NullCalibration`` per window sample size. ``test``
+    calls ``calibration_for(n)``. With a calibration the p-value is the
+    calibrated one and the detector's own null is skipped. Without one the
+    detector uses its own null. Subclasses implement ``calibration_statistics``,
+    which must return for each row of window indices into the pool the same
+    statistic that ``test`` computes on those texts.
+    """
+
+    def set_calibration(self, calibration) -> None:
+        """Use ``calibration`` (a monitor.calibration.NullCalibration) for windows of its sample size."""
+        if not hasattr(self, "calibrations_"):
+            self.calibrations_ = {}
+        self.calibrations_[int(calibration.sample_size)] = calibration
+
+    def calibration_for(self, n: int):
+        """Return the calibration for windows of ``n`` sampled texts, or None."""
+        return getattr(self, "calibrations_", {}).get(int(n))
+
+    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray) -> np.ndarray:
+        """Return the detector's statistic for each row of ``windows``, indices into ``pool``."""
+        raise NotImplementedError

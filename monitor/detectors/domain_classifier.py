@@ -21,7 +21,9 @@ from monitor.detectors.base import (
     WindowFeatures,
     insufficient_result,
     require_fitted,
+    top_examples,
     validate_alpha,
+    validate_example_count,
     validate_min_samples,
     validate_positive_int,
 )
@@ -135,9 +137,7 @@ class DomainClassifierDetector:
                 f"min_samples={min_samples} is below folds={folds}, but every fold needs a window text, "
                 f"so use min_samples >= {folds}"
             )
-        if not isinstance(typical_examples, int) or typical_examples < 0:
-            raise ConfigError(f"typical_examples must be an integer >= 0, got {typical_examples!r}")
-        self.typical_examples = typical_examples
+        self.typical_examples = validate_example_count(typical_examples)
         if not isinstance(regularization, (int, float)) or not math.isfinite(regularization) or regularization <= 0:
             raise ConfigError(f"regularization must be a positive finite number, got {regularization!r}")
         self.regularization = float(regularization)
@@ -258,14 +258,4 @@ class DomainClassifierDetector:
 
     def _typical_examples(self, window_scores: np.ndarray, texts: list[str] | None) -> list[dict]:
         """Return the window texts with the highest out-of-fold probability of being window traffic."""
-        count = min(self.typical_examples, window_scores.shape[0])
-        # A stable sort on the negated scores keeps the window order among equal scores.
-        order = np.argsort(-window_scores, kind="stable")[:count]
-        return [
-            {
-                "index": int(index),
-                "text": None if texts is None else texts[index],
-                "score": float(window_scores[index]),
-            }
-            for index in order
-        ]
+        return top_examples(window_scores, texts, self.typical_examples)

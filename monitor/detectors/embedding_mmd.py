@@ -6,6 +6,7 @@ import numpy as np
 
 from monitor.detectors.base import (
     STATUS_OK,
+    CalibratedNull,
     DriftResult,
     WindowFeatures,
     insufficient_result,
@@ -57,18 +58,31 @@ def unbiased_mmd2(kernel_no_diagonal: np.ndarray, memberships: np.ndarray) -> np
     return within_first / (m * (m - 1)) + within_second / (n * (n - 1)) - 2.0 * between / (m * n)
 
 
-def random_fourier_features(points: np.ndarray, bandwidth: float, n_features: int,
-                            rng: np.random.Generator) -> np.ndarray:
+def random_fourier_map(dimension: int, bandwidth: float, n_features: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the weights W ~ N(0, I / bandwidth²) and offsets b ~ U(0, 2π) of a random Fourier feature map."""
+    weights = rng.normal(0.0, 1.0 / bandwidth, size=(dimension, n_features))
+    offsets = rng.uniform(0.0, 2.0 * np.pi, size=n_features)
+    return weights, offsets
+
+
+def random_fourier_features(points: np.ndarray, weights: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Map ``points`` to random Fourier features whose inner products approximate the RBF kernel.
 
-    ``phi(x) = sqrt(2 / D) cos(W x + b)`` with W ~ N(0, I / bandwidth²) and b ~ U(0, 2π),
+    ``phi(x) = sqrt(2 / D) cos(W x + b)``, with W and b from ``random_fourier_map``,
     so that ``phi(x) . phi(y) ≈ exp(-|x - y|² / (2 bandwidth²))`` (Rahimi and Recht 2007,
     "Random features for large-scale kernel machines", NeurIPS).
     """
-    dimension = points.shape[1]
-    weights = rng.normal(0.0, 1.0 / bandwidth, size=(dimension, n_features))
-    offsets = rng.uniform(0.0, 2.0 * np.pi, size=n_features)
-    return np.sqrt(2.0 / n_features) * np.cos(points @ weights + offsets)
+    return np.sqrt(2.0 / weights.shape[1]) * np.cos(np.asarray(points, dtype=np.float64) @ weights + offsets)
+
+
+def rbf_kernel(first: np.ndarray, second: np.ndarray, bandwidth: float) -> np.ndarray:
+    """Return the Gaussian RBF kernel matrix between the rows of ``first`` and ``second``."""
+    first = np.asarray(first, dtype=np.float64)
+    second = np.asarray(second, dtype=np.float64)
+    distances = (np.einsum("ij,ij->i", first, first)[:, None] + np.einsum("ij,ij->i", second, second)[None, :]
+                 - 2.0 * first @ second.T)
+    return np.exp(-np.maximum(distances, 0.0) / (2.0 * bandwidth**2))
 
 
 def sampled_median_bandwidth(points: np.ndarray, max_points: int, rng: np.random.Generator) -> float:
@@ -78,7 +92,7 @@ def sampled_median_bandwidth(points: np.ndarray, max_points: int, rng: np.random
     return median_bandwidth(squared_distances(points))
 
 
-class EmbeddingMMDDetector:
+class EmbeddingMMDDetector(CalibratedNull):
     """Permutation test of maximum mean discrepancy between reference and window embeddings.
 
     Parameters
@@ -105,20 +119,21 @@ class EmbeddingMMDDetector:
     Statistic: the unbiased estimate of the squared maximum mean discrepancy,
     ``MMD²_u = mean_{i!=j} k(x_i, x_j) + mean_{i!=j} k(y_i, y_j) - 2 mean_{i,j} k(x_i, y_j)``,
     with the Gaussian RBF kernel ``k(a, b) = exp(-|a - b|² / (2 σ²))``. The
-    bandwidth σ is the median pairwise distance of the pooled sample (median
-    heuristic), computed once per window.
+    bandwidth σ is the median pairwise distance of the reference sample (median
+    heuristic), fixed at fit time, so every window is measured on one scale.
 
     Null distribution: under equal distributions the pooled points are
     exchangeable, so MMD²_u is recomputed for B random splits of the pooled
     sample into groups of the original sizes. All splits reuse one kernel matrix.
 
     Decision rule: drifted when ``p < alpha``, with ``p = (b + 1) / (B + 1)`` and b
-    the number of permuted MMD²_u >= the observed one.
+    the number of permuted MMD²_u >= the observed one. When held-out reference
+    windows calibrated the null (see monitor.calibration), the p-value is the
+    calibrated one and no permutations run.
 
     Above ``exact_max_points`` the statistic is the biased estimate
     ``|mean phi(x) - mean phi(y)|²`` on random Fourier features phi of the same
-    kernel, with the bandwidth from the median heuristic on at most
-    ``exact_max_points`` pooled points. The permutation null is recomputed on the
+    kernel, drawn once at fit time. The permutation null is recomputed on the
     same features, so the p-value stays exact for this statistic. Only its power
     depends on how well D features approximate the kernel.
 
@@ -157,7 +172,49 @@ class EmbeddingMMDDetector:
         size = min(self.reference_sample, embeddings.shape[0])
         index = np.sort(self._rng.choice(embeddings.shape[0], size=size, replace=False))
         self.reference_embeddings_ = embeddings[index]
+        self.bandwidth_ = sampled_median_bandwidth(self.reference_embeddings_, self.exact_max_points, self._rng)
+        # Mean kernel over distinct reference pairs, needed only where the exact path can run.
+        self.reference_within_ = None
+        if size < self.exact_max_points:
+            kernel = rbf_kernel(self.reference_embeddings_, self.reference_embeddings_, self.bandwidth_)
+            np.fill_diagonal(kernel, 0.0)
+            self.reference_within_ = float(kernel.sum() / (size * (size - 1)))
+        self.feature_map_ = random_fourier_map(embeddings.shape[1], self.bandwidth_, self.random_features, self._rng)
+        self.reference_feature_mean_ = random_fourier_features(self.reference_embeddings_, *self.feature_map_).mean(axis=0)
         return self
+
+    def _method(self, n: int) -> str:
+        return "exact" if self.reference_embeddings_.shape[0] + n <= self.exact_max_points else "random_features"
+
+    def statistic(self, sample: np.ndarray) -> float:
+        """Return the window's statistic: MMD²_u (exact) or the biased random-feature MMD²."""
+        return float(self.calibration_statistics(sample, np.arange(sample.shape[0])[None, :])[0])
+
+    def calibration_statistics(self, pool, windows: np.ndarray) -> np.ndarray:
+        """Return the statistic of each row of ``windows``, indices into ``pool`` (WindowFeatures or an array).
+
+        Rows may repeat an index (windows drawn with replacement): repeated points
+        count as distinct points at distance 0.
+        """
+        require_fitted(self, "reference_embeddings_")
+        points = np.asarray(getattr(pool, "embeddings", pool), dtype=np.float64)
+        windows = np.atleast_2d(windows)
+        n_windows, n = windows.shape
+        used, inverse = np.unique(windows, return_inverse=True)
+        memberships = np.zeros((n_windows, used.size))
+        np.add.at(memberships, (np.repeat(np.arange(n_windows), n), inverse.ravel()), 1.0)
+        points = points[used]
+        if self._method(n) == "random_features":
+            features = random_fourier_features(points, *self.feature_map_)
+            differences = memberships @ features / n - self.reference_feature_mean_
+            return np.einsum("ij,ij->i", differences, differences)
+        within_kernel = rbf_kernel(points, points, self.bandwidth_)
+        np.fill_diagonal(within_kernel, 0.0)
+        within = np.einsum("ij,ij->i", memberships @ within_kernel, memberships)
+        within += np.sum(memberships * (memberships - 1.0), axis=1)
+        between = memberships @ rbf_kernel(points, self.reference_embeddings_, self.bandwidth_).sum(axis=1)
+        m = self.reference_embeddings_.shape[0]
+        return within / (n * (n - 1)) + self.reference_within_ - 2.0 * between / (n * m)
 
     def test(self, window: WindowFeatures) -> DriftResult:
         """Compare the window's embeddings with the reference sample."""
@@ -173,26 +230,24 @@ class EmbeddingMMDDetector:
                 f"reference embeddings {self.reference_embeddings_.shape[1]}; use the same embedding model"
             )
 
-        pooled = np.vstack([self.reference_embeddings_, sample])
-        total = m + n
-        # Each row of `shuffled` is a random permutation of 0..N-1, and its first m entries form the first group.
-        shuffled = self._rng.permuted(np.tile(np.arange(total), (self.permutations, 1)), axis=1)
-        if total <= self.exact_max_points:
-            method = "exact"
-            observed, null, bandwidth = self._exact_statistics(pooled, m, shuffled)
+        method = self._method(n)
+        details = {"reference_sample": m, "method": method, "bandwidth": self.bandwidth_}
+        calibration = self.calibration_for(n)
+        if calibration is not None:
+            observed = self.statistic(sample)
+            p_value = calibration.p_value(observed)
+            details.update(calibration.summary(self.alpha))
         else:
-            method = "random_features"
-            observed, null, bandwidth = self._random_feature_statistics(pooled, m, shuffled)
-        p_value = permutation_p_value(null, observed)
-
-        details = {
-            "reference_sample": m,
-            "method": method,
-            "permutations": self.permutations,
-            "bandwidth": bandwidth,
-            "null_mean": float(null.mean()),
-            "null_max": float(null.max()),
-        }
+            pooled = np.vstack([self.reference_embeddings_, sample])
+            # Each row of `shuffled` is a random permutation of 0..N-1, and its first m entries form the first group.
+            shuffled = self._rng.permuted(np.tile(np.arange(m + n), (self.permutations, 1)), axis=1)
+            if method == "exact":
+                observed, null = self._exact_statistics(pooled, m, shuffled)
+            else:
+                observed, null = self._random_feature_statistics(pooled, m, shuffled)
+            p_value = permutation_p_value(null, observed)
+            details.update({"null": "permutations", "permutations": self.permutations,
+                            "null_mean": float(null.mean()), "null_max": float(null.max())})
         return DriftResult(
             signal=self.signal,
             status=STATUS_OK,
@@ -204,11 +259,9 @@ class EmbeddingMMDDetector:
             details=details,
         )
 
-    def _exact_statistics(self, pooled: np.ndarray, m: int, shuffled: np.ndarray) -> tuple[float, np.ndarray, float]:
-        """Return (observed MMD²_u, permuted MMD²_u, bandwidth) from the full kernel matrix."""
-        distances = squared_distances(pooled)
-        bandwidth = median_bandwidth(distances)
-        kernel = np.exp(-distances / (2.0 * bandwidth**2))
+    def _exact_statistics(self, pooled: np.ndarray, m: int, shuffled: np.ndarray) -> tuple[float, np.ndarray]:
+        """Return (observed MMD²_u, permuted MMD²_u) from the full kernel matrix."""
+        kernel = np.exp(-squared_distances(pooled) / (2.0 * self.bandwidth_**2))
         np.fill_diagonal(kernel, 0.0)
 
         total = pooled.shape[0]
@@ -216,13 +269,12 @@ class EmbeddingMMDDetector:
         memberships[0, :m] = 1.0
         np.put_along_axis(memberships[1:], shuffled[:, :m], 1.0, axis=1)
         statistics = unbiased_mmd2(kernel, memberships)
-        return float(statistics[0]), statistics[1:], bandwidth
+        return float(statistics[0]), statistics[1:]
 
     def _random_feature_statistics(self, pooled: np.ndarray, m: int,
-                                   shuffled: np.ndarray) -> tuple[float, np.ndarray, float]:
-        """Return (observed, permuted, bandwidth) of the biased MMD² on random Fourier features."""
-        bandwidth = sampled_median_bandwidth(pooled, self.exact_max_points, self._rng)
-        features = random_fourier_features(pooled, bandwidth, self.random_features, self._rng)
+                                   shuffled: np.ndarray) -> tuple[float, np.ndarray]:
+        """Return (observed, permuted) biased MMD² on the fitted random Fourier features."""
+        features = random_fourier_features(pooled, *self.feature_map_)
 
         total = pooled.shape[0]
         n = total - m
@@ -233,4 +285,4 @@ class EmbeddingMMDDetector:
         np.put_along_axis(weights[1:], shuffled[:, :m], 1.0 / m, axis=1)
         differences = weights @ features
         statistics = np.einsum("ij,ij->i", differences, differences)
-        return float(statistics[0]), statistics[1:], bandwidth
+        return float(statistics[0]), statistics[1:]

@@ -7,6 +7,7 @@ from scipy import sparse
 
 from monitor.detectors.base import (
     STATUS_OK,
+    CalibratedNull,
     DriftResult,
     WindowFeatures,
     insufficient_result,
@@ -55,7 +56,17 @@ def jensen_shannon_rows(counts: sparse.csr_matrix, reference: np.ndarray) -> np.
     return divergence
 
 
-class VocabularyDetector:
+def token_count_matrix(token_ids: list[list[int]], vocab_size: int) -> sparse.csr_matrix:
+    """Return a sparse (texts, vocab_size) matrix of token counts; raise DataError on an id outside the vocabulary."""
+    lengths = np.fromiter((len(row) for row in token_ids), dtype=np.int64, count=len(token_ids))
+    flat = np.fromiter((token for row in token_ids for token in row), dtype=np.int64, count=int(lengths.sum()))
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise DataError(f"token ids fall outside the reference vocabulary of size {vocab_size}")
+    rows = np.repeat(np.arange(len(token_ids)), lengths)
+    return sparse.csr_matrix((np.ones(flat.size, dtype=np.float64), (rows, flat)), shape=(len(token_ids), vocab_size))
+
+
+class VocabularyDetector(CalibratedNull):
     """Jensen-Shannon test of the window's token frequencies against the training frequencies.
 
     Parameters
@@ -96,7 +107,9 @@ class VocabularyDetector:
     conservative: same-distribution p-values lean towards 1 rather than being uniform.
 
     Decision rule: drifted when ``p < alpha``, with ``p = (b + 1) / (B + 1)`` and b
-    the number of null divergences >= the observed one.
+    the number of null divergences >= the observed one. When held-out reference
+    windows calibrated the null (see monitor.calibration), the p-value is the
+    calibrated one and no windows are resampled.
 
     Reference: Lin (1991), "Divergence measures based on the Shannon entropy",
     IEEE Transactions on Information Theory. The p-value form
@@ -138,14 +151,10 @@ class VocabularyDetector:
                 "the vocabulary null needs at least one"
             )
         vocab_size = frequencies.shape[0]
-        lengths = np.fromiter((len(row) for row in heldout), dtype=np.int64, count=len(heldout))
-        flat = np.fromiter((token for row in heldout for token in row), dtype=np.int64, count=int(lengths.sum()))
-        if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-            raise DataError(f"held-out token ids fall outside the reference vocabulary of size {vocab_size}")
-        rows = np.repeat(np.arange(len(heldout)), lengths)
-        self.heldout_counts_ = sparse.csr_matrix(
-            (np.ones(flat.size, dtype=np.float64), (rows, flat)), shape=(len(heldout), vocab_size)
-        )
+        try:
+            self.heldout_counts_ = token_count_matrix(heldout, vocab_size)
+        except DataError as error:
+            raise DataError(f"held-out {error}") from None
         self.reference_frequencies_ = frequencies
         self.reference_unk_rate_ = float(profile.unk_rate)
         self.unk_token_id_ = profile.unk_token_id
@@ -208,18 +217,23 @@ class VocabularyDetector:
             )
         counts = np.bincount(flat, minlength=vocab_size)
         observed = float(jensen_shannon_rows(sparse.csr_matrix(counts.reshape(1, -1)), self.reference_frequencies_)[0])
-        null = self.null_distribution(n)
-        p_value = permutation_p_value(null, observed)
-
         details = {
             "unk_rate": self._unk_rate(counts, flat.size),
             **reference_details,
             "n_tokens": int(flat.size),
-            "null_windows": self.null_windows,
-            "null_median": float(np.median(null[np.isfinite(null)])) if np.isfinite(null).any() else None,
             "new_frequent_tokens": [],
             "new_frequent_token_counts": [],
         }
+        calibration = self.calibration_for(n)
+        if calibration is not None:
+            p_value = calibration.p_value(observed)
+            details.update(calibration.summary(self.alpha))
+        else:
+            null = self.null_distribution(n)
+            p_value = permutation_p_value(null, observed)
+            finite = null[np.isfinite(null)]
+            details.update({"null": "heldout_training_texts", "null_windows": self.null_windows,
+                            "null_median": float(np.median(finite)) if finite.size else None})
         if self.continuation_mask_ is not None:
             details["continuation_share"] = float(counts[self.continuation_mask_].sum() / flat.size)
         tokens, token_counts = self._new_frequent_tokens(counts)
@@ -253,3 +267,14 @@ class VocabularyDetector:
         if self.tokenizer is None:
             return [int(i) for i in chosen], chosen_counts
         return list(self.tokenizer.convert_ids_to_tokens([int(i) for i in chosen])), chosen_counts
+
+    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray) -> np.ndarray:
+        """Return the Jensen-Shannon divergence of each window of pool texts from the reference."""
+        require_fitted(self, "reference_frequencies_")
+        pool_counts = token_count_matrix(pool.token_ids, self.reference_frequencies_.shape[0])
+        n_windows, size = windows.shape
+        selection = sparse.csr_matrix(
+            (np.ones(windows.size), (np.repeat(np.arange(n_windows), size), windows.ravel())),
+            shape=(n_windows, pool_counts.shape[0]),
+        )
+        return jensen_shannon_rows(selection @ pool_counts, self.reference_frequencies_)
