@@ -305,15 +305,57 @@ def make_evaluators(profile: ReferenceProfile, tokenizer, embedder: CachedEmbedd
     return evaluators
 
 
-def fill_sampler(pairs: list[tuple[str, str]], classifier: CentroidClassifier, seed: int) -> WindowSampler:
+def fill_sampler(pairs: list[tuple[str, str]], classifier: CentroidClassifier, seed: int,
+                 probabilities: np.ndarray | None = None) -> WindowSampler:
     """Return a sampler filled with the classifier's predictions on ``pairs``; event ids end in the pair's index."""
-    probabilities = classifier.probabilities([text for text, _ in pairs])
+    if probabilities is None:
+        probabilities = classifier.probabilities([text for text, _ in pairs])
     sampler = WindowSampler(sample_size=SAMPLE_SIZE, seed=seed)
     for index, ((text, _), row) in enumerate(zip(pairs, probabilities)):
         best = int(row.argmax())
         sampler.add(Observation(event_id=f"{seed}-{index}", text=text, predicted_label=classifier.labels[best],
                                 confidence=float(min(max(row[best], 0.0), 1.0))))
     return sampler
+
+
+# ---------------------------------------------------------------- NannyML CBPE
+
+
+class NannyCBPE:
+    """NannyML's CBPE accuracy estimate, fitted on the same validation predictions as driftloop's estimator.
+
+    Each window is one NannyML chunk of ``SAMPLE_SIZE`` rows. NannyML calibrates
+    each class probability one-vs-rest with isotonic regression on the reference.
+    """
+
+    def __init__(self, labels: list[str], probabilities: np.ndarray, gold: list[str]):
+        os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+        import nannyml
+
+        self.labels = labels
+        self.columns = {label: f"p{index}" for index, label in enumerate(labels)}
+        self.estimator = nannyml.CBPE(
+            metrics=["accuracy"], y_pred_proba=self.columns, y_pred="y_pred", y_true="y_true",
+            problem_type="classification_multiclass", chunk_size=SAMPLE_SIZE,
+        )
+        self.estimator.fit(self._frame(probabilities, gold))
+
+    def _frame(self, probabilities: np.ndarray, gold: list[str] | None = None):
+        import pandas as pd
+
+        frame = pd.DataFrame(probabilities, columns=list(self.columns.values()))
+        frame["y_pred"] = [self.labels[i] for i in probabilities.argmax(axis=1)]
+        if gold is not None:
+            frame["y_true"] = gold
+        return frame
+
+    def estimate(self, windows: list[np.ndarray]) -> list[float]:
+        """Return NannyML's estimated accuracy of each window, given its rows of class probabilities."""
+        if not windows:
+            return []
+        result = self.estimator.estimate(self._frame(np.vstack(windows)))
+        values = result.filter(period="analysis").to_df()[("accuracy", "value")].tolist()
+        return [float(value) for value in values[: len(windows)]]
 
 
 # ---------------------------------------------------------------- Evidently 0.7
@@ -398,14 +440,18 @@ class SignalTally:
 
 def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidClassifier,
            evaluators: dict[str, WindowEvaluator], evidently: EvidentlyChecks | None, size: RunSize,
-           prior_weights: np.ndarray, seed: int) -> tuple[dict[str, SignalTally], list[tuple]]:
+           prior_weights: np.ndarray, seed: int,
+           nanny: NannyCBPE | None = None) -> tuple[dict[str, SignalTally], list[tuple]]:
     """Evaluate ``count`` seeded windows of one scenario.
 
     Returns the flagged windows per signal, and for each window the label-free
-    accuracy estimate with the realized accuracy of the stand-in classifier.
+    accuracy estimate with the realized accuracy of the stand-in classifier and,
+    on the first ``size.drift_windows`` windows when NannyML is installed,
+    NannyML's CBPE estimate (None elsewhere).
     """
     tallies: dict[str, SignalTally] = {}
-    estimates: list[tuple] = []
+    estimates: list[list] = []
+    nanny_windows: list[np.ndarray] = []
     rng = np.random.default_rng(seed)
     # The alarm that reaches on-call is the retrain trigger: K drifted windows in a row, K from the demo config.
     trigger = DEFAULTS.trigger
@@ -413,14 +459,18 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
                            clear_windows=trigger.clear_windows)
     for index in range(count):
         pairs = window_pairs(scenario.name, pools, rng, prior_weights)
-        sampler = fill_sampler(pairs, classifier, seed=seed * 100_000 + index)
+        probabilities = classifier.probabilities([text for text, _ in pairs])
+        sampler = fill_sampler(pairs, classifier, seed=seed * 100_000 + index, probabilities=probabilities)
+        sampled = [int(obs.event_id.rsplit("-", 1)[1]) for obs in sampler.sample]
+        if nanny is not None and index < size.drift_windows:
+            nanny_windows.append(probabilities[sampled])
         any_drift = {}
         for group, evaluator in evaluators.items():
             report = evaluator.evaluate(f"{scenario.name}-{index}", sampler)
             if group == "default" and report.accuracy_estimate is not None:
-                gold = [pairs[int(obs.event_id.rsplit("-", 1)[1])][1] for obs in sampler.sample]
+                gold = [pairs[position][1] for position in sampled]
                 realized = float(np.mean([obs.predicted_label == label for obs, label in zip(sampler.sample, gold)]))
-                estimates.append((report.accuracy_estimate, realized))
+                estimates.append([report.accuracy_estimate, realized, None])
             for result in report.results:
                 cpu_s = evaluator.detectors[result.signal].last_cpu_s
                 tallies.setdefault(result.signal, SignalTally()).add(index, result.drifted, cpu_s)
@@ -447,6 +497,9 @@ def replay(scenario: Scenario, count: int, pools: Pools, classifier: CentroidCla
             started = time.process_time()
             drifted = check()
             tallies.setdefault(name, SignalTally()).add(index, drifted, time.process_time() - started)
+    if nanny is not None:
+        for row, value in zip(estimates, nanny.estimate(nanny_windows)):
+            row[2] = value
     return tallies, estimates
 
 
@@ -521,17 +574,24 @@ def estimate_rows(estimates: dict[str, list[tuple]]) -> list[dict]:
     """Summarise, per scenario, the label-free accuracy estimates against the realized accuracy."""
     rows = []
     for scenario in SCENARIOS:
-        pairs = [(estimate, realized) for estimate, realized in estimates.get(scenario.name, [])
-                 if estimate.estimate is not None]
-        if not pairs:
+        entries = [entry for entry in estimates.get(scenario.name, []) if entry[0].estimate is not None]
+        if not entries:
             continue
-        estimated = np.array([estimate.estimate for estimate, _ in pairs])
-        realized = np.array([value for _, value in pairs])
-        covered = np.mean([estimate.lower <= value <= estimate.upper for estimate, value in pairs])
-        rows.append({"scenario": scenario.name, "windows": len(pairs), "estimate": float(estimated.mean()),
-                     "realized": float(realized.mean()), "gap": float(estimated.mean() - realized.mean()),
-                     "window_gap": float(np.mean(np.abs(estimated - realized))), "covered": float(covered),
-                     "level": pairs[0][0].level})
+        estimated = np.array([estimate.estimate for estimate, _, _ in entries])
+        realized = np.array([value for _, value, _ in entries])
+        covered = np.mean([estimate.lower <= value <= estimate.upper for estimate, value, _ in entries])
+        row = {"scenario": scenario.name, "windows": len(entries), "estimate": float(estimated.mean()),
+               "realized": float(realized.mean()), "gap": float(estimated.mean() - realized.mean()),
+               "window_gap": float(np.mean(np.abs(estimated - realized))), "covered": float(covered),
+               "level": entries[0][0].level, "nanny_windows": 0}
+        # NannyML ran on the first windows only, so its gap is against the realized accuracy of those windows.
+        nanny = [(value, nanny_value) for _, value, nanny_value in entries if nanny_value is not None]
+        if nanny:
+            row.update({"nanny_windows": len(nanny),
+                        "nanny_gap": float(np.mean([estimate - value for value, estimate in nanny])),
+                        "ours_on_nanny_windows_gap": float(np.mean(
+                            [entry[0].estimate - entry[1] for entry in entries if entry[2] is not None]))})
+        rows.append(row)
     return rows
 
 
@@ -621,12 +681,16 @@ def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list
         "estimate minus realized, `mean window gap` the mean absolute gap of single windows, and `covered` "
         "the share of windows whose realized accuracy lies inside the estimate's interval.",
         "",
-        "| scenario | windows | estimate | realized | gap | mean window gap | covered |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | windows | estimate | realized | gap | mean window gap | covered | "
+        "NannyML CBPE gap (windows) | driftloop gap on those windows |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in estimate_rows(estimates):
+        nanny = (f"{row['nanny_gap']:+.3f} ({row['nanny_windows']}) | {row['ours_on_nanny_windows_gap']:+.3f}"
+                 if row["nanny_windows"] else "- | -")
         lines.append(f"| {row['scenario']} | {row['windows']} | {row['estimate']:.3f} | {row['realized']:.3f} | "
-                     f"{row['gap']:+.3f} | {row['window_gap']:.3f} | {row['covered']:.2f} |")
+                     f"{row['gap']:+.3f} | {row['window_gap']:.3f} | {row['covered']:.2f} | {nanny} |")
+    lines += ["", setup["nanny_note"]]
     lines += ["", "## One window check: 1,000 current against 5,000 reference embeddings", ""]
     lines += [
         "Synthetic unit-norm Gaussian embeddings of 384 dimensions (the current ones with a small mean shift), "
@@ -753,6 +817,8 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # NannyML sends usage events over the network unless this variable is set; the benchmark stays offline.
+    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
     started = time.perf_counter()
 
     from transformers import AutoTokenizer
@@ -794,6 +860,21 @@ def main(argv: list[str] | None = None) -> Path:
         evidently_checks = EvidentlyChecks(profile, embedded_reference_texts(profile, pools, embedder),
                                            profile.embeddings)
 
+    nanny = None
+    try:
+        import nannyml
+    except ImportError:
+        setup["nanny_note"] = ("NannyML is not installed here, so its CBPE column is empty; `pip install "
+                               "nannyml==0.13.1` beside the project's pins fills it.")
+    else:
+        nanny = NannyCBPE(pools.labels, classifier.probabilities(val_texts), [intent for _, intent in pools.profile_val])
+        setup["nanny_note"] = (f"NannyML {nannyml.__version__} CBPE (accuracy, isotonic calibration per class) was "
+                               "fitted on the same validation predictions and ran on the first "
+                               f"{size.drift_windows} windows of each scenario, one chunk per window.")
+    setup["nanny_note"] += (" Alibi Detect 0.13.0 does not install beside the project's pins: `pip install "
+                            "--dry-run alibi-detect==0.13.0` in the project environment would replace numpy 2.4 "
+                            "with 1.26 and transformers 5.25 with 4.57, so its MMDDrift is not compared.")
+
     prior_weights = prior_shift_weights(pools, seed=7)
     results = {}
     estimates = {}
@@ -801,7 +882,8 @@ def main(argv: list[str] | None = None) -> Path:
         count = size.stable_windows if not scenario.drifted else size.drift_windows
         scenario_started = time.perf_counter()
         results[scenario.name], estimates[scenario.name] = replay(
-            scenario, count, pools, classifier, evaluators, evidently_checks, size, prior_weights, seed=1000 + number)
+            scenario, count, pools, classifier, evaluators, evidently_checks, size, prior_weights, seed=1000 + number,
+            nanny=nanny)
         overall = results[scenario.name]["overall"]
         logger.info("%s: %d windows, %d flagged, %.0f s", scenario.name, count, overall.flagged,
                     time.perf_counter() - scenario_started)

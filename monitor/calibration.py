@@ -7,7 +7,17 @@ alpha. Calibration measures it instead. Windows of the production sample size
 are drawn from held-out training texts, which the profile's reference
 statistics never saw, and each detector's statistic on them forms the null.
 
-The p-value of an observed statistic ``s`` against N null statistics is
+Windows drawn without replacement from a pool of N texts vary less than
+windows drawn from the population: the variance of a window mean shrinks by
+the finite-population factor ``(N - n) / (N - 1)``, which halves it when a
+window takes half the pool. Statistics driven by window means (the KS
+distance, MMD) are therefore calibrated on windows of the effective size
+``n_eff = n N / (N + n - 1)``, whose without-replacement variance equals that
+of n population draws. The Jensen-Shannon divergence of token frequencies is
+dominated by its small-sample bias, which depends on the window's own size,
+so it is calibrated on windows of n texts.
+
+The p-value of an observed statistic ``s`` against null statistics is
 
 - empirical, ``(b + 1) / (N + 1)`` with b the null statistics >= s, while at
   least ``tail_size`` null statistics reach s;
@@ -114,6 +124,23 @@ class NullCalibration:
             "tail_start": self.tail_start,
             "tail_scale": self.tail_scale,
         }
+
+
+SAMPLING_EFFECTIVE_SIZE = "effective_size"
+SAMPLING_WINDOW_SIZE = "window_size"
+
+
+def calibration_window_size(sample_size: int, pool_size: int, sampling: str) -> int:
+    """Return the size of the held-out windows that calibrate windows of ``sample_size`` texts.
+
+    ``sampling`` is ``effective_size`` (``n N / (N + n - 1)``, see the module
+    docstring) or ``window_size`` (n itself).
+    """
+    if sampling == SAMPLING_WINDOW_SIZE:
+        return int(sample_size)
+    if sampling != SAMPLING_EFFECTIVE_SIZE:
+        raise ConfigError(f"sampling must be {SAMPLING_EFFECTIVE_SIZE!r} or {SAMPLING_WINDOW_SIZE!r}, got {sampling!r}")
+    return max(2, int(round(sample_size * pool_size / (pool_size + sample_size - 1))))
 
 
 def heldout_window_indices(pool_size: int, sample_size: int, windows: int, rng: np.random.Generator) -> np.ndarray:

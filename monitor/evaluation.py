@@ -26,7 +26,7 @@ from monitor.detectors.novelty import NoveltyDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 from monitor.accuracy_estimate import AccuracyEstimate, AccuracyEstimator
-from monitor.calibration import NullCalibration, heldout_window_indices
+from monitor.calibration import NullCalibration, calibration_window_size, heldout_window_indices
 from monitor.config import (
     CALIBRATED_SIGNALS,
     DEFAULT_SIGNALS,
@@ -248,18 +248,24 @@ class WindowEvaluator:
         if missing:
             started = time.perf_counter()
             rng = np.random.default_rng([self._calibration_seed, int(n)])
-            windows = heldout_window_indices(len(self.pool.token_ids), int(n), self.calibration_windows, rng)
+            pool_size = len(self.pool.token_ids)
+            windows = {}
             for name in missing:
-                statistics = self.detectors[name].calibration_statistics(self.pool, windows)
+                detector = self.detectors[name]
+                size = calibration_window_size(n, pool_size, detector.calibration_sampling)
+                if size not in windows:
+                    windows[size] = heldout_window_indices(pool_size, size, self.calibration_windows, rng)
+                statistics = detector.calibration_statistics(self.pool, windows[size], int(n))
                 try:
                     calibration = NullCalibration(name, int(n), statistics,
-                                                  min(self.calibration_tail_size, windows.shape[0] - 1))
+                                                  min(self.calibration_tail_size, self.calibration_windows - 1))
                 except (ConfigError, InsufficientSamplesError) as error:
                     logger.warning("%s keeps its own null for windows of %d texts: %s", name, n, error)
                     continue
                 self.detectors[name].set_calibration(calibration)
-            logger.info("calibrated the nulls of %s for windows of %d texts on %d held-out windows of %d pool "
-                        "texts in %.1f s", ", ".join(missing), n, windows.shape[0], len(self.pool.token_ids),
+            logger.info("calibrated the nulls of %s for windows of %d texts on %d held-out windows (of %s texts) "
+                        "from %d pool texts in %.1f s", ", ".join(missing), n, self.calibration_windows,
+                        " and ".join(str(size) for size in sorted(windows)), pool_size,
                         time.perf_counter() - started)
         return {name: self.detectors[name].calibration_for(n) for name in names}
 

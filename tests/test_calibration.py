@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.stats import ks_2samp
 
-from monitor.calibration import NullCalibration, heldout_window_indices
+from monitor.calibration import NullCalibration, calibration_window_size, heldout_window_indices
 from monitor.detectors import EmbeddingMMDDetector, TokenLengthDetector, VocabularyDetector
 from monitor.errors import ConfigError, InsufficientSamplesError
 from tests.test_detectors import make_profile, make_window
@@ -99,6 +99,28 @@ def test_window_indices_without_and_with_replacement():
         heldout_window_indices(0, 5, 5, rng)
 
 
+@pytest.mark.parametrize("sample_size, pool_size, sampling, expected", [
+    (500, 1000, "effective_size", 334), (500, 100_000, "effective_size", 498), (500, 1000, "window_size", 500),
+    (5000, 1000, "effective_size", 833),
+])
+def test_calibration_window_size(sample_size, pool_size, sampling, expected):
+    assert calibration_window_size(sample_size, pool_size, sampling) == expected
+
+
+def test_effective_size_matches_population_variance():
+    # The mean of n_eff texts drawn without replacement from the pool varies as much as a mean of n population draws.
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=1000)
+    size = calibration_window_size(500, 1000, "effective_size")
+    means = pool[heldout_window_indices(1000, size, 4000, rng)].mean(axis=1)
+    assert np.var(means) == pytest.approx(np.var(pool) / 500, rel=0.1)
+
+
+def test_unknown_sampling_names_value():
+    with pytest.raises(ConfigError, match="'bootstrap'"):
+        calibration_window_size(10, 100, "bootstrap")
+
+
 # ------------------------------------------------------------ detectors: batch statistic == test statistic
 
 
@@ -131,7 +153,7 @@ def test_batch_statistics_match_the_tested_statistic(detector):
     detector.fit(make_profile())
     pool = pool_window()
     rows = heldout_window_indices(120, 40, 5, np.random.default_rng(1))
-    batch = detector.calibration_statistics(pool, rows)
+    batch = detector.calibration_statistics(pool, rows, 40)
     for row, value in zip(rows, batch):
         assert detector.test(subset(pool, row)).statistic == pytest.approx(value, rel=1e-9, abs=1e-12)
 
@@ -147,7 +169,7 @@ def test_mmd_batch_repeated_points():
     detector = EmbeddingMMDDetector(reference_sample=100).fit(make_profile())
     pool = pool_window(n=10)
     rows = np.array([[0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]])
-    value = detector.calibration_statistics(pool, rows)[0]
+    value = detector.calibration_statistics(pool, rows, 12)[0]
     window = pool.embeddings[rows[0]]
     assert detector.statistic(np.asarray(window, dtype=np.float64)) == pytest.approx(value)
 
@@ -156,7 +178,7 @@ def test_calibrated_detector_uses_calibration_for_its_size_only():
     detector = EmbeddingMMDDetector(alpha=0.01, permutations=200, reference_sample=200).fit(make_profile())
     pool = pool_window()
     rows = heldout_window_indices(120, 40, 300, np.random.default_rng(2))
-    detector.set_calibration(NullCalibration("embedding", 40, detector.calibration_statistics(pool, rows), 20))
+    detector.set_calibration(NullCalibration("embedding", 40, detector.calibration_statistics(pool, rows, 40), 20))
     calibrated = detector.test(subset(pool, rows[0]))
     assert calibrated.details["null"] == "heldout_windows"
     assert "permutations" not in calibrated.details

@@ -356,3 +356,31 @@ def test_rollback_without_previous_version(client):
     response = client.post("/v1/rollback", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 409
     assert "no earlier version" in response.json()["error"]
+
+
+def test_profile_without_pool_is_rebuilt(config, monkeypatch, caplog):
+    import numpy as np
+
+    from monitor.reference import ReferenceProfile
+
+    monkeypatch.setenv("DRIFTLOOP_API_TOKEN", TOKEN)
+    first = MonitorDaemon(config)
+    first.start(background=False)
+    profile_dir = first.registry.profile_dir(first.active_name)
+    first.stop()
+    # Remove the calibration pool, as in a profile saved before the pool existed.
+    with np.load(profile_dir / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files if not name.startswith("pool_")}
+    np.savez_compressed(profile_dir / "arrays.npz", **arrays)
+    assert not ReferenceProfile.load(profile_dir).has_calibration_pool
+
+    second = MonitorDaemon(config)
+    with caplog.at_level("INFO", logger="monitor.daemon"):
+        second.start(background=False)
+    try:
+        assert second.ready, second.startup_error
+        assert "has no calibration pool; rebuilding it" in caplog.text
+        assert ReferenceProfile.load(profile_dir).has_calibration_pool
+        assert "novelty" in second.evaluator.detectors
+    finally:
+        second.stop()

@@ -3,6 +3,7 @@
 from monitor.detectors.base import DriftResult, Detector, WindowFeatures
 from monitor.detectors.confidence import ConfidenceDetector
 from monitor.detectors.embedding_mmd import EmbeddingMMDDetector
+from monitor.detectors.novelty import NoveltyDetector
 from monitor.detectors.token_length import TokenLengthDetector
 from monitor.detectors.vocabulary import VocabularyDetector
 
@@ -11,6 +12,7 @@ __all__ = [
     "Detector",
     "DriftResult",
     "EmbeddingMMDDetector",
+    "NoveltyDetector",
     "TokenLengthDetector",
     "VocabularyDetector",
     "WindowFeatures",

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from monitor.calibration import SAMPLING_EFFECTIVE_SIZE
 from monitor.errors import ConfigError, DataError, NotFittedError
 from monitor.reference import ReferenceProfile
 
@@ -231,6 +232,9 @@ class CalibratedNull:
     statistic that ``test`` computes on those texts.
     """
 
+    # How held-out windows are sized for this statistic (see monitor.calibration).
+    calibration_sampling = SAMPLING_EFFECTIVE_SIZE
+
     def set_calibration(self, calibration) -> None:
         """Use ``calibration`` (a monitor.calibration.NullCalibration) for windows of its sample size."""
         if not hasattr(self, "calibrations_"):
@@ -241,6 +245,10 @@ class CalibratedNull:
         """Return the calibration for windows of ``n`` sampled texts, or None."""
         return getattr(self, "calibrations_", {}).get(int(n))
 
-    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray) -> np.ndarray:
-        """Return the detector's statistic for each row of ``windows``, indices into ``pool``."""
+    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray, sample_size: int) -> np.ndarray:
+        """Return the detector's statistic for each row of ``windows``, indices into ``pool``.
+
+        ``sample_size`` is the size of the production windows being calibrated,
+        which may differ from the row length.
+        """
         raise NotImplementedError

@@ -188,13 +188,14 @@ class EmbeddingMMDDetector(CalibratedNull):
 
     def statistic(self, sample: np.ndarray) -> float:
         """Return the window's statistic: MMD²_u (exact) or the biased random-feature MMD²."""
-        return float(self.calibration_statistics(sample, np.arange(sample.shape[0])[None, :])[0])
+        return float(self.calibration_statistics(sample, np.arange(sample.shape[0])[None, :], sample.shape[0])[0])
 
-    def calibration_statistics(self, pool, windows: np.ndarray) -> np.ndarray:
+    def calibration_statistics(self, pool, windows: np.ndarray, sample_size: int) -> np.ndarray:
         """Return the statistic of each row of ``windows``, indices into ``pool`` (WindowFeatures or an array).
 
-        Rows may repeat an index (windows drawn with replacement): repeated points
-        count as distinct points at distance 0.
+        The exact or random-feature estimator is the one a window of
+        ``sample_size`` texts gets. Rows may repeat an index (windows drawn with
+        replacement): repeated points count as distinct points at distance 0.
         """
         require_fitted(self, "reference_embeddings_")
         points = np.asarray(getattr(pool, "embeddings", pool), dtype=np.float64)
@@ -204,7 +205,7 @@ class EmbeddingMMDDetector(CalibratedNull):
         memberships = np.zeros((n_windows, used.size))
         np.add.at(memberships, (np.repeat(np.arange(n_windows), n), inverse.ravel()), 1.0)
         points = points[used]
-        if self._method(n) == "random_features":
+        if self._method(sample_size) == "random_features":
             features = random_fourier_features(points, *self.feature_map_)
             differences = memberships @ features / n - self.reference_feature_mean_
             return np.einsum("ij,ij->i", differences, differences)

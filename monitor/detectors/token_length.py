@@ -123,7 +123,7 @@ class TokenLengthDetector(CalibratedNull):
             details=details,
         )
 
-    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray) -> np.ndarray:
+    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray, sample_size: int) -> np.ndarray:
         """Return the KS distance of each window of pool texts to the reference."""
         require_fitted(self, "reference_counts_")
         return ks_distances(self.reference_cdf_, pool.token_counts[windows])

@@ -18,6 +18,7 @@ from monitor.detectors.base import (
     validate_positive_int,
     validate_resample_count,
 )
+from monitor.calibration import SAMPLING_WINDOW_SIZE
 from monitor.errors import ConfigError, DataError, InsufficientSamplesError
 from monitor.reference import ReferenceProfile
 
@@ -117,6 +118,8 @@ class VocabularyDetector(CalibratedNull):
     """
 
     signal = "vocabulary"
+    # The divergence's small-sample bias depends on the window size, so the null uses windows of that size.
+    calibration_sampling = SAMPLING_WINDOW_SIZE
 
     def __init__(
         self,
@@ -268,7 +271,7 @@ class VocabularyDetector(CalibratedNull):
             return [int(i) for i in chosen], chosen_counts
         return list(self.tokenizer.convert_ids_to_tokens([int(i) for i in chosen])), chosen_counts
 
-    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray) -> np.ndarray:
+    def calibration_statistics(self, pool: WindowFeatures, windows: np.ndarray, sample_size: int) -> np.ndarray:
         """Return the Jensen-Shannon divergence of each window of pool texts from the reference."""
         require_fitted(self, "reference_frequencies_")
         pool_counts = token_count_matrix(pool.token_ids, self.reference_frequencies_.shape[0])
