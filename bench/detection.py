@@ -616,8 +616,8 @@ def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list
         f"reservoir sample {SAMPLE_SIZE}, so every event of a window is tested.",
         f"- Windows per scenario: {size.stable_windows} stable, {size.drift_windows} per drift scenario. "
         f"Evidently text drift ran on the first {size.evidently_text_windows} windows of each scenario and "
-        f"EmbeddingsDrift on the first {size.evidently_embedding_windows}, because one text-drift call costs "
-        "about 2 s and one EmbeddingsDrift call about 5 s (most of it a t-SNE plot). Evidently ValueDrift on "
+        f"EmbeddingsDrift on the first {size.evidently_embedding_windows}, because each call costs seconds of "
+        "CPU (last row of the results table; most of an EmbeddingsDrift call is a t-SNE plot). Evidently ValueDrift on "
         "token counts ran on every window.",
         f"- Reference: profile built with `monitor.reference.build_reference` from {setup['n_train']} training "
         f"texts of the 7 domains of config/demo.yaml ({setup['domains']}), 40 per intent as the demo uses, "
@@ -679,7 +679,9 @@ def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list
         "on the profile's validation predictions) and of the realized accuracy of the stand-in classifier on "
         "the same sampled events; texts of unseen domains and out-of-scope texts are never correct. `gap` is "
         "estimate minus realized, `mean window gap` the mean absolute gap of single windows, and `covered` "
-        "the share of windows whose realized accuracy lies inside the estimate's interval.",
+        "the share of windows whose realized accuracy lies inside the estimate's interval. A `length_x2` text joins "
+        "two queries and counts as correct only for the first query's intent, so its realized accuracy understates "
+        "the classifier.",
         "",
         "| scenario | windows | estimate | realized | gap | mean window gap | covered | "
         "NannyML CBPE gap (windows) | driftloop gap on those windows |",
