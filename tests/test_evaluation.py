@@ -414,3 +414,17 @@ def test_calibration_runs_once_per_sample_size(evaluator, caplog):
     assert all(first[name] is second[name] for name in first)
     assert all(calibration.n_windows == 1000 and calibration.sample_size == 57 for calibration in first.values())
     assert caplog.text.count("calibrated the nulls") == 1
+
+
+def test_pool_smaller_than_window_still_calibrates(profile, tokenizer, embedder, clinc):
+    from dataclasses import replace
+
+    small = replace(profile, pool_token_ids=profile.pool_token_ids[:60], pool_token_counts=profile.pool_token_counts[:60],
+                    pool_embeddings=profile.pool_embeddings[:60])
+    evaluator = WindowEvaluator(small, tokenizer, embedder, seed=3)
+    report = evaluator.evaluate("small-pool", fill_sampler(stable_pairs(clinc, seed=23), profile.val_confidences, seed=23))
+    by_signal = {result.signal: result for result in report.results}
+    assert report.status == "ok"
+    assert by_signal["vocabulary"].details["null"] == "heldout_windows"
+    assert by_signal["embedding"].details["null"] == "heldout_windows"
+    assert by_signal["novelty"].details["pool_size"] == 60
