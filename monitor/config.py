@@ -37,6 +37,9 @@ EMBEDDING_SIGNALS = ("embedding", "novelty", "domain_classifier")
 def check_effect_floors(floors: dict[str, Any]) -> dict[str, float]:
     """Return ``floors`` if every key is a p-value signal and every value a number >= 0, else raise ValueError."""
     for name, floor in floors.items():
+        if name == "confidence":
+            raise ValueError("'confidence' takes no effect floor because its threshold is already an effect size; "
+                             f"set detectors.confidence.max_drop instead. Allowed: {', '.join(P_VALUE_SIGNALS)}")
         if name not in P_VALUE_SIGNALS:
             raise ValueError(f"unknown signal {name!r}; allowed: {', '.join(P_VALUE_SIGNALS)}")
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
@@ -195,6 +198,9 @@ class DetectorsConfig(_Section):
             raise ValueError(f"unknown signal {unknown[0]!r}; allowed: {', '.join(SIGNALS)}")
         if not value:
             raise ValueError(f"at least one signal is required; allowed: {', '.join(SIGNALS)}")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"signal {repeated[0]!r} is listed more than once")
         return value
 
 
@@ -327,6 +333,13 @@ def _cross_field_errors(config: Config) -> list[str]:
         errors.append(
             f"detectors.min_samples: {detectors.min_samples} is larger than {limit_key} ({limit}), so every "
             f"window would report insufficient data; allowed: at most {limit}"
+        )
+    budget = config.alarm.false_alarms_per_week
+    if budget is not None and budget >= config.alarm.windows_per_week:
+        errors.append(
+            f"alarm.false_alarms_per_week: {budget} is not below alarm.windows_per_week "
+            f"({config.alarm.windows_per_week}), so every window could be a false alarm; allowed: below "
+            f"{config.alarm.windows_per_week}"
         )
     if config.alarm.false_alarms_per_week is not None and "alpha" in detectors.model_fields_set:
         errors.append(

@@ -38,13 +38,16 @@ def test_defaults_without_file():
          "detectors.vocabulary.null_windows", "at least 8000"),
         ({"detectors": {"calibration": {"windows": 30}}}, "detectors.calibration.windows", "30"),
         ({"detectors": {"novelty": {"quantile": 1.0}}}, "detectors.novelty.quantile", "1.0"),
-        ({"detectors": {"effect_floors": {"confidence": 0.1}}}, "detectors.effect_floors", "'confidence'"),
+        ({"detectors": {"effect_floors": {"confidence": 0.1}}}, "detectors.effect_floors", "max_drop"),
+        ({"detectors": {"enabled": ["novelty", "novelty"]}}, "detectors.enabled", "'novelty' is listed more than once"),
+        ({"alarm": {"false_alarms_per_week": 100000}}, "alarm.false_alarms_per_week", "100000"),
         ({"detectors": {"enabled": ["domain_classifier"], "min_samples": 5, "domain_classifier": {"folds": 8}}},
          "detectors.domain_classifier.folds", "8"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
-         "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "folds-above-min-samples"],
+         "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "repeated-signal", "budget-above-windows",
+         "folds-above-min-samples"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:

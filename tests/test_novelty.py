@@ -93,3 +93,19 @@ def test_dimension_mismatch_names_both(world):
 def test_invalid_parameters(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         NoveltyDetector(**kwargs)
+
+
+def test_far_tail_p_value_is_accurate(world):
+    # 130 of 200 window texts above the cut-off: the exact tail is about 1e-80, far below where nhypergeom.sf is accurate.
+    detector = NoveltyDetector().fit(world["profile"])
+    big_n, k, n, x = detector.pool_size_, detector.rank_, 200, 130
+    exact = sum(comb(j + k - 1, j) * comb(n - j + big_n - k, n - j) for j in range(x, n + 1)) / comb(big_n + n, n)
+    assert exact < 1e-40
+    assert detector.p_value(x, n) == pytest.approx(exact, rel=1e-6)
+
+
+def test_cut_off_rank_is_exact_share():
+    profile = make_profile(pool_embeddings=np.random.default_rng(4).normal(size=(1000, DIMENSION)).astype(np.float32),
+                           pool_token_ids=[[1]] * 1000, pool_token_counts=np.full(1000, 3))
+    detector = NoveltyDetector(quantile=0.95).fit(profile)
+    assert detector.rank_ == 50

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import logsumexp
 from scipy.stats import nhypergeom
 
 from monitor.detectors.base import (
@@ -105,7 +106,8 @@ class NoveltyDetector:
         self.reference_unit_ = _unit_rows(reference)
         pool_scores = self.scores(pool)
         self.pool_size_ = int(pool_scores.shape[0])
-        self.rank_ = max(1, math.ceil((1.0 - self.quantile) * self.pool_size_))
+        # Rounding first keeps float error from lifting 50.000000000000004 to 51.
+        self.rank_ = max(1, math.ceil(round((1.0 - self.quantile) * self.pool_size_, 9)))
         self.score_threshold_ = float(np.sort(pool_scores)[::-1][self.rank_ - 1])
         return self
 
@@ -125,7 +127,9 @@ class NoveltyDetector:
         require_fitted(self, "rank_")
         if exceed <= 0:
             return 1.0
-        return float(nhypergeom.sf(exceed - 1, self.pool_size_ + n, n, self.rank_))
+        # Summing the pmf in log space keeps far-tail p-values accurate, where nhypergeom.sf loses them.
+        counts = np.arange(exceed, n + 1)
+        return float(np.exp(logsumexp(nhypergeom.logpmf(counts, self.pool_size_ + n, n, self.rank_))))
 
     def test(self, window: WindowFeatures) -> DriftResult:
         """Count the window's novel texts and test the count against the pool."""
