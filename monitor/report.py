@@ -109,11 +109,18 @@ def _summary_section(window: dict, events: list[dict]) -> str:
 def _signals_section(window: dict) -> str:
     rows = [
         [result["signal"], result["status"], "yes" if result["drifted"] else "no",
-         result["statistic"], result["p_value"], result["threshold"], result["n"]]
+         result["statistic"], result["p_value"], _decision_rule(result), result["n"]]
         for result in window["results"]
     ]
-    table = _table(["signal", "status", "drift", "statistic", "p-value", "threshold", "sampled"], rows)
+    table = _table(["signal", "status", "drift", "statistic", "p-value", "drift when", "sampled"], rows)
     return "<h2>Signals</h2>" + table
+
+
+def _decision_rule(result: dict) -> str:
+    """Return the comparison that decided the signal, because confidence compares its statistic, not its p-value."""
+    if result["signal"] == "confidence":
+        return f"statistic (drop in mean confidence) >= {result['threshold']}"
+    return f"p-value < {result['threshold']}"
 
 
 def _explanation_section(window: dict) -> str:

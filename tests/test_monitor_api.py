@@ -289,6 +289,8 @@ def test_window_report_pages(client, daemon):
     assert quick.headers["content-type"].startswith("text/html")
     assert f"driftloop window {window_id}" in quick.text
     assert "<h2>Signals</h2>" in quick.text
+    assert "p-value &lt; " in quick.text
+    assert "statistic (drop in mean confidence) &gt;= 0.1" in quick.text
     assert "Evidently" not in quick.text
 
     full = client.get(f"/v1/windows/{window_id}/report")
