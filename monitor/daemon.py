@@ -156,6 +156,9 @@ class MonitorDaemon:
             self._activate_reference(active.name)
             self.scheduler.add_job(self.tick, "interval", seconds=self.config.monitor.check_interval_s,
                                    max_instances=1, coalesce=True, id="driftloop-check")
+            # A tick that outlasts the interval (a window evaluation can) makes APScheduler warn about
+            # each skipped run. Skipping is intended, because the next tick picks up every closed window.
+            logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
             self.scheduler.start()
             self.ready = True
             logger.info("monitor ready: active version %s, %d labels", self.active_name, len(self.labels))
