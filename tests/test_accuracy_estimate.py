@@ -9,21 +9,14 @@ from monitor.accuracy_estimate import AccuracyEstimator, fit_temperature
 from monitor.detectors.base import WindowFeatures
 from monitor.errors import ConfigError, DataError, InsufficientSamplesError, NotFittedError
 from monitor.reference import ReferenceProfile
+from tests.test_detectors import make_profile as base_profile
 
 
 def make_profile(confidences: np.ndarray, correct: np.ndarray | None) -> ReferenceProfile:
     """Profile whose validation predictions are all "a", with gold "a" where ``correct`` is True."""
     n = len(confidences)
     gold = None if correct is None else ["a" if flag else "b" for flag in correct]
-    return ReferenceProfile(
-        token_counts=np.full(10, 5),
-        max_length=32,
-        truncation_rate=0.0,
-        token_frequencies=np.full(10, 0.1),
-        unk_rate=0.0,
-        unk_token_id=0,
-        heldout_token_ids=[[1, 2]],
-        embeddings=np.zeros((2, 4), dtype=np.float32),
+    return base_profile(
         val_confidences=np.asarray(confidences, dtype=np.float64),
         val_predicted_labels=["a"] * n,
         label_distribution={"a": 1.0},

@@ -10,22 +10,11 @@ from monitor.detectors.base import WindowFeatures
 from monitor.detectors.domain_classifier import DomainClassifierDetector, combine_bonferroni
 from monitor.errors import ConfigError, DataError, InsufficientSamplesError, NotFittedError
 from monitor.reference import ReferenceProfile
+from tests.test_detectors import make_profile as base_profile
 
 
 def make_profile(embeddings: np.ndarray) -> ReferenceProfile:
-    return ReferenceProfile(
-        token_counts=np.full(50, 10),
-        max_length=32,
-        truncation_rate=0.0,
-        token_frequencies=np.full(100, 0.01),
-        unk_rate=0.0,
-        unk_token_id=0,
-        heldout_token_ids=[[1, 2, 3]] * 10,
-        embeddings=np.asarray(embeddings, dtype=np.float32),
-        val_confidences=np.full(50, 0.9),
-        val_predicted_labels=["balance"] * 50,
-        label_distribution={"balance": 1.0},
-    )
+    return base_profile(embeddings=np.asarray(embeddings, dtype=np.float32))
 
 
 def make_window(embeddings: np.ndarray, texts: list[str] | None = None) -> WindowFeatures:

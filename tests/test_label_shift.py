@@ -10,24 +10,13 @@ from monitor.detectors.base import WindowFeatures
 from monitor.detectors.label_shift import LabelShiftDetector
 from monitor.errors import ConfigError, InsufficientSamplesError, NotFittedError
 from monitor.reference import ReferenceProfile
+from tests.test_detectors import make_profile as base_profile
 
 
 def make_profile(labels: list[str]) -> ReferenceProfile:
     n = len(labels)
     shares = {label: labels.count(label) / n for label in set(labels)}
-    return ReferenceProfile(
-        token_counts=np.full(10, 5),
-        max_length=32,
-        truncation_rate=0.0,
-        token_frequencies=np.full(10, 0.1),
-        unk_rate=0.0,
-        unk_token_id=0,
-        heldout_token_ids=[[1, 2]],
-        embeddings=np.zeros((2, 4), dtype=np.float32),
-        val_confidences=np.full(n, 0.9),
-        val_predicted_labels=labels,
-        label_distribution=shares,
-    )
+    return base_profile(val_confidences=np.full(n, 0.9), val_predicted_labels=labels, label_distribution=shares)
 
 
 def make_window(labels: list[str]) -> WindowFeatures:
