@@ -102,9 +102,10 @@ class WindowEvaluator:
 
     Calibration: when the profile has a calibration pool and
     ``calibration_windows`` is above 0, the first window of each sample size n
-    draws ``calibration_windows`` windows of n pool texts, and the statistics of
-    token length, vocabulary and embedding on them become those detectors'
-    nulls (see monitor.calibration). The pool holds validation texts that the
+    draws ``calibration_windows`` windows from the pool, sized for each
+    statistic by ``calibration_window_size``. The statistics of token length,
+    vocabulary and embedding on them become those detectors' nulls (see
+    monitor.calibration). The pool holds validation texts that the
     reference statistics never saw, so the null includes the gap between
     training data and fresh data of the same distribution.
 
@@ -250,6 +251,7 @@ class WindowEvaluator:
             rng = np.random.default_rng([self._calibration_seed, int(n)])
             pool_size = len(self.pool.token_ids)
             windows = {}
+            calibrated = []
             for name in missing:
                 detector = self.detectors[name]
                 size = calibration_window_size(n, pool_size, detector.calibration_sampling)
@@ -262,9 +264,10 @@ class WindowEvaluator:
                 except (ConfigError, InsufficientSamplesError) as error:
                     logger.warning("%s keeps its own null for windows of %d texts: %s", name, n, error)
                     continue
-                self.detectors[name].set_calibration(calibration)
+                detector.set_calibration(calibration)
+                calibrated.append(name)
             logger.info("calibrated the nulls of %s for windows of %d texts on %d held-out windows (of %s texts) "
-                        "from %d pool texts in %.1f s", ", ".join(missing), n, self.calibration_windows,
+                        "from %d pool texts in %.1f s", ", ".join(calibrated) or "no signal", n, self.calibration_windows,
                         " and ".join(str(size) for size in sorted(windows)), pool_size,
                         time.perf_counter() - started)
         return {name: self.detectors[name].calibration_for(n) for name in names}

@@ -262,7 +262,7 @@ class EmbeddingMMDDetector(CalibratedNull):
 
     def _exact_statistics(self, pooled: np.ndarray, m: int, shuffled: np.ndarray) -> tuple[float, np.ndarray]:
         """Return (observed MMD²_u, permuted MMD²_u) from the full kernel matrix."""
-        kernel = np.exp(-squared_distances(pooled) / (2.0 * self.bandwidth_**2))
+        kernel = rbf_kernel(pooled, pooled, self.bandwidth_)
         np.fill_diagonal(kernel, 0.0)
 
         total = pooled.shape[0]
