@@ -628,11 +628,12 @@ def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list
         "used by the profile. Novel-domain texts: validation and test texts of the 3 other domains "
         f"({setup['n_novel']}). Out-of-scope texts: CLINC150 `oos_val` and `oos_test` ({setup['n_oos']}).",
         "- Detectors: `WindowEvaluator.evaluate` on a filled `WindowSampler`, at the built-in default config "
-        f"(alpha {DEFAULTS.alpha:g} per window, Bonferroni over the p-value signals; token_length, vocabulary "
-        f"and embedding nulls calibrated on {DEFAULTS.detectors.calibration.windows} windows drawn from the "
-        f"profile's calibration pool of validation texts, exponential tail over the top "
-        f"{DEFAULTS.detectors.calibration.tail_size}; novelty quantile {DEFAULTS.detectors.novelty.quantile:g}; "
-        "no effect floors). The default signals (" + ", ".join(DEFAULT_SIGNAL_ORDER) + ") form one evaluator; "
+        f"with alpha {DEFAULTS.alpha:g} per window, Bonferroni over the p-value signals, and no effect floors. "
+        f"The nulls of token_length, vocabulary and embedding are calibrated on "
+        f"{DEFAULTS.detectors.calibration.windows} windows drawn from the profile's calibration pool of "
+        f"validation texts, with an exponential tail over the top {DEFAULTS.detectors.calibration.tail_size}. "
+        f"The novelty quantile is {DEFAULTS.detectors.novelty.quantile:g}. The default signals ("
+        + ", ".join(DEFAULT_SIGNAL_ORDER) + ") form one evaluator. "
         "`overall` is its window verdict, and `trigger` counts the retrain triggers of the monitor's policy on "
         f"that verdict ({DEFAULTS.trigger.consecutive_windows} drifted windows in a row), the alarm that "
         "reaches on-call. Its detection rate is triggers per window, at most 1/K because the streak restarts "
@@ -676,8 +677,8 @@ def render(results: dict[str, dict[str, SignalTally]], estimates: dict[str, list
     lines += ["", "## Label-free accuracy estimate", ""]
     lines += [
         "Per scenario: the mean over windows of the CBPE-style estimate (monitor.accuracy_estimate, calibrated "
-        "on the profile's validation predictions) and of the realized accuracy of the stand-in classifier on "
-        "the same sampled events; texts of unseen domains and out-of-scope texts are never correct. `gap` is "
+        "on the profile's validation predictions), and of the realized accuracy of the stand-in classifier on "
+        "the same sampled events. Texts of unseen domains and out-of-scope texts are never correct. `gap` is "
         "estimate minus realized, `mean window gap` the mean absolute gap of single windows, and `covered` "
         "the share of windows whose realized accuracy lies inside the estimate's interval. A `length_x2` text joins "
         "two queries and counts as correct only for the first query's intent, so its realized accuracy understates "
