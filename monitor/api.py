@@ -188,6 +188,18 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             return decision_error(exc)
         return run
 
+    @app.post("/v1/retrains/{run_id}/cancel")
+    async def cancel(run_id: str, request: Request):
+        denied = authorize(request)
+        if denied:
+            return denied
+        body = await _decision_body(request)
+        try:
+            run = daemon.cancel_retrain(run_id, actor=str(body.get("by") or "api"), comment=str(body.get("comment", "")))
+        except DriftloopError as exc:
+            return decision_error(exc)
+        return run
+
     @app.post("/v1/rollback")
     async def rollback(request: Request):
         denied = authorize(request)

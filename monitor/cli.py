@@ -183,6 +183,103 @@ def cmd_reject(args) -> int:
     return 0
 
 
+class TerminalProgress:
+    """A tqdm progress bar per training phase (each sweep rank, then the final run) on stderr."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.phase = None
+
+    def __call__(self, progress: dict) -> None:
+        from tqdm import tqdm
+
+        phase = progress.get("phase", "train")
+        if self.bar is None or phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=progress["total_steps"], desc=phase, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(progress["step"] - self.bar.n)
+        shown = {key: f"{progress[key]:.3f}" for key in ("loss", "val_loss", "val_macro_f1") if progress.get(key) is not None}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_retrain(args) -> int:
+    """Run one retrain in this process, with a progress bar; the daemon promotes the result once approved."""
+    import threading
+
+    from monitor.daemon import new_run_id
+    from retrain.datasets import dataset_from_config
+    from retrain.jobs import RUNNING_STATES, RetrainJob
+    from retrain.trainer import progress_reporter
+
+    config = _config(args)
+    store, registry = _open_registry(config)
+    active = registry.active()
+    if active is None:
+        raise DriftloopError("no active version to retrain from; run `driftloop bootstrap` first")
+    running = store.runs(states=RUNNING_STATES, limit=1)
+    if running:
+        raise DriftloopError(f"retrain run {running[0]['id']} is {running[0]['state']}; wait for it or "
+                             f"`driftloop cancel {running[0]['id']}`")
+    dataset = dataset_from_config(config)
+    run_id = new_run_id()
+    trigger = {"reason": args.reason, "manual": True}
+    store.create_run(run_id, "queued", active.name, trigger)
+    store.audit(args.by, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
+    print(f"retrain run {run_id} from version {active.name}; Ctrl-C or `driftloop cancel {run_id}` stops it", flush=True)
+
+    use_bar = sys.stderr.isatty() and not args.no_progress
+    progress = TerminalProgress() if use_bar else progress_reporter(lambda line: print(line, file=sys.stderr, flush=True), f"run {run_id}")
+    stop = threading.Event()
+
+    def interrupt(signum, _frame) -> None:
+        # The first signal cancels cleanly before the next step; the job records it.
+        stop.set()
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        job = RetrainJob(run_id=run_id, config=config, store=store, registry=registry, dataset=dataset, base=active,
+                         since=registry.activated_at(), on_progress=progress, should_stop=stop.is_set)
+        state = job.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if use_bar:
+            progress.close()
+    run = store.get_run(run_id)
+    training = run["training"] or {}
+    validation = (training.get("validation") or {}).get("best") or {}
+    if training.get("steps"):
+        print(f"trained rank {training.get('rank')} for {training['steps']} steps ({training.get('stop_reason')}) in "
+              f"{training.get('total_seconds', 0):.0f} s; validation macro-F1 {validation.get('macro_f1', float('nan')):.3f}")
+    for name, finding in (training.get("findings") or {}).items():
+        print(f"warning: {name}: {finding.get('message', finding)}")
+    canary = run["canary"] or {}
+    print(f"run {run_id}: {state}" + (f", canary {canary['status']}" if canary else "") + (f"; {run['error']}" if run["error"] else ""))
+    if state == "pending_approval":
+        print(f"approve with `driftloop approve {run_id}`; the running monitor then promotes it")
+    return 0 if state in ("pending_approval", "approved", "rejected_by_gate") else 1
+
+
+def cmd_cancel(args) -> int:
+    from retrain.jobs import cancel_run
+
+    config = _config(args)
+    store, _ = _open_registry(config)
+    run = cancel_run(store, args.run_id, actor=args.by, comment=args.comment, state_dir=config.state_path)
+    if run["state"] == "cancelling":
+        print(f"run {run['id']}: cancel requested; its worker stops before the next training step")
+    else:
+        print(f"run {run['id']} cancelled")
+    return 0
+
+
 def cmd_rollback(args) -> int:
     _, registry = _open_registry(_config(args))
     previous, target = registry.rollback(args.to, actor=args.by, reason=args.comment)
@@ -194,7 +291,7 @@ def cmd_runs(args) -> int:
     store, _ = _open_registry(_config(args))
     for run in store.runs(limit=args.limit):
         canary = run["canary"] or {}
-        print(f"{run['id']}  {run['state']:<17} base={run['base_version']} promoted={run['promoted_version'] or '-'} "
+        print(f"{run['id']}  {run['state']:<17} job={run['job']:<9} base={run['base_version']} promoted={run['promoted_version'] or '-'} "
               f"canary={canary.get('status', '-')}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run['created_at']))}")
     return 0
 
@@ -269,8 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-state", action="store_true", help="keep the previous demo's database and versions")
     demo.set_defaults(func=cmd_demo)
 
+    retrain = command("retrain", help="run a retrain now in this terminal, with a progress bar")
+    retrain.add_argument("--reason", default="manual", help="why, for the audit log")
+    retrain.add_argument("--by", default=os.environ.get("USER", "cli"), help="who starts it (default: $USER)")
+    retrain.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    retrain.set_defaults(func=cmd_retrain)
+
     for name, func, text in (("approve", cmd_approve, "approve a retrain run waiting for approval"),
-                             ("reject", cmd_reject, "reject a retrain run waiting for approval")):
+                             ("reject", cmd_reject, "reject a retrain run waiting for approval"),
+                             ("cancel", cmd_cancel, "cancel a queued, running, pending or approved retrain run")):
         sub = command(name, help=text)
         sub.add_argument("run_id")
         sub.add_argument("--comment", default="")

@@ -101,18 +101,48 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    rank: int = Field(8, ge=1, le=512)
-    alpha: int = Field(16, ge=1, le=4096)
+    rank: int = Field(8, ge=1, le=512, description="LoRA rank; the rank sweep, when on, chooses it instead.")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha at this rank; swept ranks keep the alpha/rank ratio.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] | None = Field(None, description="Layers LoRA adapts; null takes PEFT's default for the architecture.")
     learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
     epochs: int = Field(5, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the steps with a linearly rising learning rate.")
     weight_decay: float = Field(0.0, ge=0.0)
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps at most per training run; null = epochs decide.")
+    max_wall_time_s: float | None = Field(None, gt=0.0, description="Seconds of training at most, rank sweep included; the best weights so far are kept.")
+    early_stopping_patience: int = Field(2, ge=1, le=1000, description="Evaluations without a lower validation loss before training stops.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on the CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less GPU memory, about 30% more time.")
     seed: int = 0
-    num_threads: int | None = Field(None, ge=1, le=256)
+    num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads while training; null = all cores but one inside the sidecar.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(isinstance(name, str) and name.strip() for name in value)):
+            raise ValueError("must be null or a non-empty list of layer names, such as ['query', 'value']")
+        return value
+
+
+class SweepConfig(_Section):
+    enabled: bool = Field(True, description="Choose the LoRA rank by short runs scored on validation macro-F1.")
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], description="Ranks tried by the sweep.")
+    budget_steps: int = Field(60, ge=1, description="Optimiser steps of each short sweep run.")
+    tie_tolerance: float = Field(0.005, ge=0.0, le=1.0, description="Macro-F1 within this of the best is a tie; ties go to the smaller rank.")
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("must list at least one rank, such as [4, 8, 16, 32]")
+        bad = [rank for rank in value if rank < 1 or rank > 512]
+        if bad:
+            raise ValueError(f"rank {bad[0]} is outside 1..512")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a rank more than once: {value}")
+        return sorted(value)
 
 
 class MonitorConfig(_Section):
@@ -225,6 +255,9 @@ class RetrainConfig(_Section):
     replay_per_label: int = Field(30, ge=0, description="Original training examples per label mixed in against forgetting.")
     max_per_label: int | None = Field(40, ge=1, description="Cap on training examples per label, so a frequent class does not swamp rare ones; null = no cap.")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of labelled production events held out (by id hash) for the canary.")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the training set held out (by text hash) for early stopping and the rank sweep.")
+    min_class_examples: int = Field(5, ge=1, description="Classes with fewer training examples are reported in the run and its lineage; they are kept.")
+    sweep: SweepConfig = SweepConfig()
 
 
 class CanaryConfig(_Section):

@@ -27,11 +27,11 @@ from monitor.config import Config, resolve_model_path
 from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
 from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
-from monitor.metrics import MonitorMetrics
+from monitor.metrics import RUN_STATES, MonitorMetrics
 from monitor.policy import TriggerPolicy
 from monitor.sampling import Observation, WindowSampler
 from monitor.store import Store
-from retrain.jobs import ACTIVE_STATES, RetrainJob
+from retrain.jobs import RUNNING_STATES, RetrainJob, cancel_run, recover_interrupted_runs
 from retrain.registry import Registry
 from retrain.trainer import progress_reporter
 
@@ -95,6 +95,10 @@ def explain_drift(report) -> dict[str, Any]:
     if examples:
         explanation["typical_examples"] = examples
     return explanation
+
+
+def new_run_id() -> str:
+    return "r" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:4]
 
 
 def new_window_id() -> str:
@@ -178,10 +182,8 @@ class MonitorDaemon:
         logger.info("monitor daemon stopped")
 
     def _recover_runs(self) -> None:
-        for run in self.store.runs(states=ACTIVE_STATES):
-            self.store.update_run(run["id"], state="failed", error=f"daemon restarted while the run was {run['state']}")
-            self.store.audit("daemon", "run_failed", run_id=run["id"], detail={"reason": "restart", "was": run["state"]})
-            logger.warning("retrain run %s was %s when the daemon stopped; marked failed", run["id"], run["state"])
+        for run in recover_interrupted_runs(self.store, self.config.state_path):
+            self.metrics.retrain_runs.labels(run["state"]).inc()
 
     def _activate_reference(self, name: str) -> None:
         """Load (or build) the reference profile of ``name`` and point the detectors at it."""
@@ -392,16 +394,21 @@ class MonitorDaemon:
     def start_retrain(self, trigger: dict[str, Any], actor: str = "monitor") -> str:
         if self.job_running():
             raise DriftloopError("a retraining run is already in progress")
+        # A run started by `driftloop retrain` in another process counts too.
+        running = self.store.runs(states=RUNNING_STATES, limit=1)
+        if running:
+            raise DriftloopError(f"retrain run {running[0]['id']} is {running[0]['state']}; wait for it or cancel it")
         active = self.registry.active()
         if active is None:
             raise RegistryError("no active version to retrain from")
-        run_id = "r" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:4]
-        self.store.create_run(run_id, "training", active.name, trigger)
+        run_id = new_run_id()
+        self.store.create_run(run_id, "queued", active.name, trigger)
         self.store.audit(actor, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
         logger.info("retrain run %s triggered from version %s: %s", run_id, active.name, trigger.get("reason"))
         self.cancel_requested.clear()
         self._log_progress = progress_reporter(logger.info, f"retrain run {run_id}")
-        self.metrics.retrain_state.state("training")
+        self.metrics.retrain_state.state("queued")
+        self.metrics.retrain_overfitting.set(0)
         job = RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
                          dataset=self.dataset, base=active, since=self.active_since,
                          drift_started_at=trigger.get("drift_started_at"),
@@ -412,11 +419,25 @@ class MonitorDaemon:
 
     def _on_progress(self, progress: dict) -> None:
         self._log_progress(progress)
+        self.metrics.retrain_state.state("training")
         self.metrics.retrain_step.set(progress.get("step", 0))
         if progress.get("loss") is not None:
             self.metrics.retrain_loss.set(progress["loss"])
+        if progress.get("val_loss") is not None:
+            self.metrics.retrain_val_loss.set(progress["val_loss"])
+        if progress.get("overfitting"):
+            self.metrics.retrain_overfitting.set(1)
         if progress.get("eta_s") is not None:
             self.metrics.retrain_eta.set(progress["eta_s"])
+
+    def cancel_retrain(self, run_id: str, actor: str, comment: str = "") -> dict:
+        """Cancel a run; a running one stops before its next training step (see ``retrain.jobs.cancel_run``)."""
+        run = cancel_run(self.store, run_id, actor=actor, comment=comment, state_dir=self.config.state_path)
+        logger.info("retrain run %s: cancel requested by %s, now %s", run_id, actor, run["state"])
+        if run["state"] == "cancelled":
+            self.metrics.retrain_runs.labels("cancelled").inc()
+            self.metrics.retrain_state.state("cancelled")
+        return run
 
     def _run_job(self, job: RetrainJob) -> None:
         state = job.run()
@@ -424,8 +445,8 @@ class MonitorDaemon:
         canary = run.get("canary") or {}
         if canary:
             self.metrics.canary_passed.set(1 if canary.get("passed") else 0)
-        self.metrics.retrain_state.state(state if state in ("pending_approval", "approved", "failed", "rejected_by_gate") else "idle")
-        if state in ("failed", "rejected_by_gate"):
+        self.metrics.retrain_state.state(state if state in RUN_STATES else "idle")
+        if state in ("failed", "rejected_by_gate", "cancelled"):
             self.metrics.retrain_runs.labels(state).inc()
             self.policy.run_ended()
         if state == "approved":

@@ -8,6 +8,7 @@ from monitor.config import SIGNALS
 
 RUN_STATES = (
     "idle",
+    "queued",
     "training",
     "evaluating",
     "pending_approval",
@@ -18,6 +19,8 @@ RUN_STATES = (
     "rejected",
     "rolled_back",
     "failed",
+    "cancelling",
+    "cancelled",
 )
 
 
@@ -66,6 +69,8 @@ class MonitorMetrics:
         self.retrain_runs = Counter("driftloop_retrain_runs_total", "Retraining runs that ended, by outcome.", ["outcome"], registry=r)
         self.retrain_step = Gauge("driftloop_retrain_step", "Optimiser step of the running retrain.", registry=r)
         self.retrain_loss = Gauge("driftloop_retrain_loss", "Training loss at the last reported step.", registry=r)
+        self.retrain_val_loss = Gauge("driftloop_retrain_validation_loss", "Validation loss at the last evaluation of the running retrain.", registry=r)
+        self.retrain_overfitting = Gauge("driftloop_retrain_overfitting", "1 when the latest retrain's training loss fell while its validation loss rose.", registry=r)
         self.retrain_eta = Gauge("driftloop_retrain_eta_seconds", "Estimated seconds left in the running retrain.", registry=r)
         self.canary_passed = Gauge("driftloop_canary_passed", "1 when the last canary passed its gates, 0 otherwise.", registry=r)
         self.pending_approvals = Gauge("driftloop_pending_approvals", "Runs waiting for approval.", registry=r)

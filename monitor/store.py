@@ -310,12 +310,27 @@ class Store:
             )
 
     def update_run(self, run_id: str, **values: Any) -> None:
-        for key in ("trigger", "training", "canary"):
-            if key in values and not isinstance(values[key], str):
-                values[key] = json.dumps(values[key])
-        values["updated_at"] = time.time()
+        values = _run_values(values)
         with self.session() as session:
             session.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+
+    def transition_run(self, run_id: str, from_states: Iterable[str], state: str, *, actor: str, action: str,
+                       detail: dict[str, Any] | None = None, **values: Any) -> bool:
+        """Move a run to ``state`` only if it is in one of ``from_states``; write the audit row with it.
+
+        The check and the update are one UPDATE statement, so two callers (an approval and a
+        cancel, or two approvals) cannot both win. Returns False, changing nothing, when the
+        run is missing or in another state.
+        """
+        values = _run_values({**values, "state": state})
+        with self.session() as session:
+            result = session.execute(
+                update(RunRow).where(RunRow.id == run_id, RunRow.state.in_(list(from_states))).values(**values)
+            )
+            if result.rowcount != 1:
+                return False
+            self.audit(actor, action, run_id=run_id, version=None, detail=detail, session=session)
+        return True
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         with self.session() as session:
@@ -380,10 +395,33 @@ class Store:
             ]
 
 
+def job_status(state: str) -> str:
+    """Map a run state to the job's coarse status: queued, running, succeeded, failed or cancelled.
+
+    A run whose training and canary finished has succeeded as a job, whatever the approval says.
+    """
+    if state == "queued":
+        return "queued"
+    if state in ("training", "evaluating", "cancelling"):
+        return "running"
+    if state in ("failed", "cancelled"):
+        return state
+    return "succeeded"
+
+
+def _run_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Encode a run update's JSON columns and stamp its time."""
+    encoded = {key: json.dumps(value) if key in ("trigger", "training", "canary") and not isinstance(value, str) else value
+               for key, value in values.items()}
+    encoded["updated_at"] = time.time()
+    return encoded
+
+
 def _run_dict(row: RunRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "state": row.state,
+        "job": job_status(row.state),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "base_version": row.base_version,

@@ -40,17 +40,15 @@ def fingerprint(config: Config, dataset: Dataset) -> str:
 
 
 def train_bootstrap_adapter(config: Config, dataset: Dataset, target: Path, progress=None) -> dict:
-    from retrain.trainer import TrainSettings, train_adapter
+    from retrain.trainer import settings_from_config, train_adapter
 
-    settings = TrainSettings(
-        **{**config.bootstrap.model_dump(), "target_modules": tuple(config.bootstrap.target_modules)},
-        max_length=config.model.max_length,
-        device=config.model.device,
-    )
-    result = train_adapter(resolve_model_path(config.model.base), dataset.labels, dataset.train, target, settings,
-                           progress=progress)
-    write_train_data(target, dataset.train)
-    write_examples(target / "validation.jsonl", dataset.validation)
+    def write_data(folder: Path) -> None:
+        write_train_data(folder, dataset.train)
+        write_examples(folder / "validation.jsonl", dataset.validation)
+
+    result = train_adapter(resolve_model_path(config.model.base), dataset.labels, dataset.train, target,
+                           settings_from_config(config.bootstrap, config.model), validation=dataset.validation,
+                           progress=progress, write_extras=write_data)
     return {"steps": result.steps, "wall_seconds": result.wall_seconds, "final_loss": result.final_loss,
             "device": result.device, "precision": result.precision}
 

@@ -1,106 +1,61 @@
-"""One retraining run: assemble data, train a LoRA candidate, canary it, await approval.
+"""One retraining run: assemble data, sweep ranks, train a LoRA candidate, canary it, await approval.
 
-States, each written to the store before the work it names starts:
-``training -> evaluating -> pending_approval | approved -> promoting -> active``,
-with ``rejected_by_gate``, ``rejected`` and ``failed`` as final states. A run
-found in ``training``, ``evaluating`` or ``promoting`` after a restart is marked
-``failed`` by the daemon, and the active adapter is untouched because a
-candidate only enters the registry at promotion.
+States, each written to the store before the work it names starts::
+
+    queued -> training -> evaluating -> pending_approval | approved -> promoting -> active
+
+with ``rejected_by_gate``, ``rejected``, ``failed`` and ``cancelled`` as final
+states. A cancel request moves a queued, training or evaluating run to
+``cancelling``; the worker stops before its next step and writes
+``cancelled``. A pending or approved run is cancelled at once. Every change
+is a compare-and-set on the run's state, so a cancel and an approval, or two
+approvals, cannot both win.
+
+After a crash the daemon marks a run it finds queued, training, evaluating or
+promoting as ``failed`` and a cancelling one as ``cancelled``, and removes
+half-written output. The active adapter is untouched, because a candidate only
+enters the registry at promotion, and the candidate folder appears by an
+atomic rename once it is complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from monitor.config import Config, resolve_model_path
 from monitor.errors import DriftloopError, NotFoundError
 from monitor.store import Store
-from retrain.datasets import Dataset, Example, cap_per_label
+from retrain.assembly import AssembledData, assemble_training_data, in_holdout
+from retrain.datasets import Dataset, Example
 from retrain.registry import Registry, Version, read_train_data, write_examples, write_train_data
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("training", "evaluating", "promoting")
+RUNNING_STATES = ("queued", "training", "evaluating", "cancelling")
+# States a restart finds only when the process died inside them.
+INTERRUPTED_STATES = ("queued", "training", "evaluating", "promoting", "cancelling")
+CANCELLABLE_STATES = ("queued", "training", "evaluating", "pending_approval", "approved")
+FINAL_STATES = ("active", "rejected_by_gate", "rejected", "failed", "cancelled", "superseded", "rolled_back")
 # Fewer drifted-period texts than this and the profile falls back to the training data.
 MIN_PROFILE_TEXTS = 100
-FINAL_STATES = ("active", "rejected_by_gate", "rejected", "failed", "superseded", "rolled_back")
+# Seconds between the worker's reads of its run's state, to see a cancel request from another process.
+CANCEL_POLL_S = 1.0
 
 
-def in_holdout(event_id: str, fraction: float) -> bool:
-    """Assign an event to the canary holdout by a stable hash of its id."""
-    bucket = int.from_bytes(hashlib.sha256(event_id.encode("utf-8")).digest()[:8], "big") / 2**64
-    return bucket < fraction
+def training_threads() -> int:
+    """Return the default torch thread count of a retrain: every core this process may use but one."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-@dataclass
-class AssembledData:
-    train: list[Example]
-    holdout: list[Example]
-    production_train: int
-    replay: int
-    duplicates_removed: int
-    label_counts: dict[str, int]
-    capped: int = 0
-
-    def summary(self) -> dict:
-        return {
-            "train": len(self.train),
-            "holdout": len(self.holdout),
-            "production_train": self.production_train,
-            "replay": self.replay,
-            "duplicates_removed": self.duplicates_removed,
-            "capped": self.capped,
-            "labels_in_train": len(self.label_counts),
-        }
-
-
-def assemble_training_data(base_train: list[Example], production: list[tuple[str, str, str]], *,
-                           replay_per_label: int, holdout_fraction: float, seed: int,
-                           max_per_label: int | None = None) -> AssembledData:
-    """Mix replayed original data with labelled production events.
-
-    Production events are split into train and holdout by id hash. Texts that
-    occur in the holdout (after normalising case and spaces) are removed from
-    the training side, so nothing is both trained on and used to judge. No
-    label keeps more than ``max_per_label`` examples, so a frequent catch-all
-    class (such as out-of-scope) does not swallow the rare new intents.
-    """
-    holdout = [(text, label) for event_id, text, label in production if in_holdout(event_id, holdout_fraction)]
-    production_train = [(text, label) for event_id, text, label in production if not in_holdout(event_id, holdout_fraction)]
-    replay, _ = cap_per_label(base_train, replay_per_label, seed) if replay_per_label else ([], [])
-
-    judged = {normalise(text) for text, _ in holdout}
-    seen: set[str] = set()
-    train: list[Example] = []
-    removed = 0
-    for text, label in production_train + replay:
-        key = normalise(text)
-        if key in judged or key in seen:
-            removed += 1
-            continue
-        seen.add(key)
-        train.append((text, label))
-    train, capped = cap_per_label(train, max_per_label, seed)
-    return AssembledData(
-        train=train,
-        holdout=holdout,
-        production_train=len(production_train),
-        replay=len(replay),
-        duplicates_removed=removed,
-        label_counts=dict(Counter(label for _, label in train)),
-        capped=len(capped),
-    )
+class RunCancelled(DriftloopError):
+    """The run's state moved to ``cancelling`` while the worker was between steps."""
 
 
 class RetrainJob:
@@ -119,14 +74,36 @@ class RetrainJob:
         self.since = since
         self.drift_started_at = drift_started_at
         self.on_progress = on_progress
-        self.should_stop = should_stop
+        self.external_stop = should_stop
         self.work_dir = config.state_path / "runs" / run_id
+        self._last_poll = 0.0
+        self._cancel_seen = False
 
-    def set_state(self, state: str, **values) -> None:
-        self.store.update_run(self.run_id, state=state, **values)
-        self.store.audit("retrain", f"run_{state}", run_id=self.run_id, version=self.base.name,
-                         detail={k: v for k, v in values.items() if k == "error"})
+    def set_state(self, state: str, from_states: tuple[str, ...], **values) -> None:
+        """Move the run from one of ``from_states`` to ``state``; raise RunCancelled when a cancel came first."""
+        detail = {key: value for key, value in values.items() if key == "error"}
+        if not self.store.transition_run(self.run_id, from_states, state, actor="retrain", action=f"run_{state}",
+                                         detail=detail, **values):
+            current = (self.store.get_run(self.run_id) or {}).get("state")
+            if current == "cancelling":
+                raise RunCancelled(f"retrain run {self.run_id} was cancelled")
+            raise DriftloopError(f"retrain run {self.run_id} is {current}, expected one of {list(from_states)}")
         logger.info("retrain run %s: state %s", self.run_id, state)
+
+    def should_stop(self) -> bool:
+        """True once the daemon stops or someone asked to cancel this run (read from the store each second)."""
+        if self.external_stop is not None and self.external_stop():
+            return True
+        now = time.monotonic()
+        if not self._cancel_seen and now - self._last_poll >= CANCEL_POLL_S:
+            self._last_poll = now
+            self._cancel_seen = (self.store.get_run(self.run_id) or {}).get("state") == "cancelling"
+        return self._cancel_seen
+
+    def _progress(self, phase: str) -> Callable[[dict], None] | None:
+        if self.on_progress is None:
+            return None
+        return lambda progress: self.on_progress({"phase": phase, **progress})
 
     def _profile_data(self, data: AssembledData) -> tuple[list[Example], list[Example]]:
         """Choose the texts the new version's reference profile describes.
@@ -151,63 +128,115 @@ class RetrainJob:
 
     def run(self) -> str:
         """Return the final state reached by this thread (``approved`` means promotion is next)."""
+        from retrain.trainer import TrainingCancelled
+
         try:
             return self._run()
+        except (TrainingCancelled, RunCancelled) as exc:
+            reason = "the daemon is stopping" if self.external_stop is not None and self.external_stop() else str(exc)
+            self.store.transition_run(self.run_id, RUNNING_STATES, "cancelled", actor="retrain", action="run_cancelled",
+                                      detail={"reason": reason}, error=f"cancelled: {reason}")
+            logger.info("retrain run %s: state cancelled (%s)", self.run_id, reason)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            return "cancelled"
         except Exception as exc:  # noqa: BLE001 - any failure ends the run, never the daemon
             logger.exception("retrain run %s failed", self.run_id)
-            self.set_state("failed", error=f"{type(exc).__name__}: {exc}")
-            shutil.rmtree(self.work_dir / "candidate", ignore_errors=True)
+            error = f"{type(exc).__name__}: {exc}"
+            if not self.store.transition_run(self.run_id, RUNNING_STATES, "failed", actor="retrain",
+                                             action="run_failed", detail={"error": error}, error=error):
+                logger.error("retrain run %s: could not record the failure; the run is %s", self.run_id,
+                             (self.store.get_run(self.run_id) or {}).get("state"))
+            shutil.rmtree(self.work_dir, ignore_errors=True)
             return "failed"
 
-    def _run(self) -> str:
-        from retrain.canary import CanaryGates, compare_on_slice, decide, shadow_compare
-        from retrain.model import Classifier
-        from retrain.trainer import TrainSettings, train_adapter
-
-        self.set_state("training")
-        base_train = read_train_data(self.base.adapter_dir)
-        production = self.store.labelled_events(since=self.since)
+    def _assemble(self) -> AssembledData:
         retrain = self.config.retrain
         data = assemble_training_data(
-            base_train, production,
+            read_train_data(self.base.adapter_dir),
+            self.store.labelled_events(since=self.since),
             replay_per_label=retrain.replay_per_label,
             holdout_fraction=retrain.holdout_fraction,
             seed=retrain.training.seed,
             max_per_label=retrain.max_per_label,
+            validation_fraction=retrain.validation_fraction,
+            judged_texts=[text for text, _ in self.dataset.test],
+            labels=self.dataset.labels,
+            min_class_examples=retrain.min_class_examples,
         )
         logger.info("retrain run %s: data %s", self.run_id, json.dumps(data.summary()))
+        return data
 
-        settings = TrainSettings(
-            **{**retrain.training.model_dump(), "target_modules": tuple(retrain.training.target_modules)},
-            max_length=self.config.model.max_length,
-            device=self.config.model.device,
-        )
-        base_model = resolve_model_path(self.config.model.base)
+    def _train(self, data: AssembledData, base_model: str) -> dict:
+        """Sweep ranks (when on), train the candidate and write it with its data; return the run's training record."""
+        from retrain.sweep import settings_for_rank, sweep_ranks
+        from retrain.trainer import settings_from_config, train_adapter
+
+        retrain = self.config.retrain
+        settings = settings_from_config(retrain.training, self.config.model, num_threads=training_threads())
+        deadline = time.monotonic() + settings.max_wall_time_s if settings.max_wall_time_s else None
+        init_adapter = self.base.adapter_dir if retrain.warm_start else None
+        sweep_table = None
+        if retrain.sweep.enabled:
+            sweep = sweep_ranks(base_model, self.dataset.labels, data.train, data.validation, settings,
+                                retrain.sweep.ranks, budget_steps=retrain.sweep.budget_steps,
+                                tie_tolerance=retrain.sweep.tie_tolerance, init_adapter=init_adapter,
+                                progress=self._progress("sweep"), should_stop=self.should_stop, deadline=deadline,
+                                run_name=f"retrain run {self.run_id} sweep")
+            sweep_table = sweep.table()
+            self.store.update_run(self.run_id, training={"data": data.summary(), "sweep": sweep_table})
+            settings = settings_for_rank(settings, sweep.chosen.rank)
+            if sweep.chosen.start != "warm":
+                init_adapter = None
+
+        reference, validation = self._profile_data(data)
+
+        def write_data(folder: Path) -> None:
+            write_train_data(folder, data.train)
+            write_examples(folder / "reference.jsonl", reference)
+            write_examples(folder / "validation.jsonl", validation)
+
         self.work_dir.mkdir(parents=True, exist_ok=True)
         candidate_dir = self.work_dir / "candidate"
-        started = time.time()
         result = train_adapter(
             base_model, self.dataset.labels, data.train, candidate_dir, settings,
-            init_adapter=self.base.adapter_dir if retrain.warm_start else None,
-            progress=self.on_progress, should_stop=self.should_stop,
+            validation=data.validation, init_adapter=init_adapter,
+            progress=self._progress("train"), should_stop=self.should_stop, deadline=deadline,
+            lineage={"run_id": self.run_id, "base_version": self.base.name, "data": data.lineage(),
+                     "sweep": sweep_table},
+            write_extras=write_data,
         )
-        write_train_data(candidate_dir, data.train)
-        reference, validation = self._profile_data(data)
-        write_examples(candidate_dir / "reference.jsonl", reference)
-        write_examples(candidate_dir / "validation.jsonl", validation)
-        training = {
+        return {
             "data": data.summary(),
+            "sweep": sweep_table,
+            "rank": result.record["settings"]["rank"],
+            "warm_start": init_adapter is not None,
             "steps": result.steps,
+            "epochs": result.record["epochs"],
             "epoch_losses": result.epoch_losses,
             "final_loss": result.final_loss,
-            "wall_seconds": round(time.time() - started, 2),
+            "stop_reason": result.stop_reason,
+            "validation": result.validation,
+            "findings": result.findings,
+            "wall_seconds": round(result.wall_seconds, 2),
             "device": result.device,
             "precision": result.precision,
             "data_sha256": result.data_sha256,
         }
+
+    def _run(self) -> str:
+        from retrain.canary import CanaryGates, compare_on_slice, decide, shadow_compare
+        from retrain.model import Classifier
+
+        self.set_state("training", ("queued",))
+        started = time.time()
+        data = self._assemble()
+        base_model = resolve_model_path(self.config.model.base)
+        training = self._train(data, base_model)
+        training["total_seconds"] = round(time.time() - started, 2)
+        candidate_dir = self.work_dir / "candidate"
         self.store.update_run(self.run_id, training=training, candidate_dir=str(candidate_dir))
 
-        self.set_state("evaluating")
+        self.set_state("evaluating", ("training",))
         device = None if self.config.model.device == "auto" else self.config.model.device
         current = Classifier.load(base_model, self.base.adapter_dir, self.base.name, device=device)
         candidate = Classifier.load(base_model, candidate_dir, f"candidate:{self.run_id}", device=device)
@@ -232,37 +261,82 @@ class RetrainJob:
         if not decision.passed:
             # An inconclusive canary waits for a person; a failed gate ends the run.
             if decision.status == "inconclusive":
-                self.set_state("pending_approval")
+                self.set_state("pending_approval", ("evaluating",))
                 return "pending_approval"
-            self.set_state("rejected_by_gate")
+            self.set_state("rejected_by_gate", ("evaluating",))
             return "rejected_by_gate"
         if self.config.approval == "auto":
-            self.store.update_run(self.run_id, state="approved")
-            self.store.audit("policy:auto", "run_approved", run_id=self.run_id, detail={"comment": "approval: auto"})
+            if not self.store.transition_run(self.run_id, ("evaluating",), "approved", actor="policy:auto",
+                                             action="run_approved", detail={"comment": "approval: auto"}):
+                raise RunCancelled(f"retrain run {self.run_id} was cancelled")
             logger.info("retrain run %s: approved by policy", self.run_id)
             return "approved"
-        self.set_state("pending_approval")
+        self.set_state("pending_approval", ("evaluating",))
         return "pending_approval"
+
+
+def _decide(store: Store, run_id: str, from_states: tuple[str, ...], state: str, *, actor: str, action: str,
+            comment: str, verb: str) -> dict:
+    """Move a run between states on a person's decision; the error names the run and its current state."""
+    if store.get_run(run_id) is None:
+        raise NotFoundError(f"retrain run {run_id!r} not found")
+    if not store.transition_run(run_id, from_states, state, actor=actor, action=action, detail={"comment": comment}):
+        current = (store.get_run(run_id) or {}).get("state")
+        allowed = " or ".join(from_states)
+        raise DriftloopError(f"retrain run {run_id} is {current}, only {allowed} runs can be {verb}")
+    return store.get_run(run_id)
 
 
 def approve_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
     """Mark a pending run approved; the daemon promotes it on its next check."""
-    run = store.get_run(run_id)
-    if run is None:
-        raise NotFoundError(f"retrain run {run_id!r} not found")
-    if run["state"] != "pending_approval":
-        raise DriftloopError(f"retrain run {run_id} is {run['state']}, only pending_approval runs can be approved")
-    store.update_run(run_id, state="approved")
-    store.audit(actor, "run_approved", run_id=run_id, detail={"comment": comment})
-    return store.get_run(run_id)
+    return _decide(store, run_id, ("pending_approval",), "approved", actor=actor, action="run_approved",
+                   comment=comment, verb="approved")
 
 
 def reject_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
+    return _decide(store, run_id, ("pending_approval", "approved"), "rejected", actor=actor, action="run_rejected",
+                   comment=comment, verb="rejected")
+
+
+def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", state_dir: Path | None = None) -> dict:
+    """Cancel a run. A running one moves to ``cancelling`` and its worker stops before its next step;
+    a pending or approved one becomes ``cancelled`` at once, and its candidate folder is removed.
+    Cancelling a run that is already cancelling changes nothing.
+    """
     run = store.get_run(run_id)
     if run is None:
         raise NotFoundError(f"retrain run {run_id!r} not found")
-    if run["state"] not in ("pending_approval", "approved"):
-        raise DriftloopError(f"retrain run {run_id} is {run['state']}, only pending or approved runs can be rejected")
-    store.update_run(run_id, state="rejected")
-    store.audit(actor, "run_rejected", run_id=run_id, detail={"comment": comment})
-    return store.get_run(run_id)
+    if run["state"] == "cancelling":
+        return run
+    if run["state"] in ("pending_approval", "approved"):
+        run = _decide(store, run_id, ("pending_approval", "approved"), "cancelled", actor=actor,
+                      action="run_cancelled", comment=comment, verb="cancelled")
+        if state_dir is not None:
+            shutil.rmtree(Path(state_dir) / "runs" / run_id, ignore_errors=True)
+        return run
+    return _decide(store, run_id, ("queued", "training", "evaluating"), "cancelling", actor=actor,
+                   action="cancel_requested", comment=comment, verb="cancelled")
+
+
+def recover_interrupted_runs(store: Store, state_dir: Path) -> list[dict]:
+    """Close the runs a dead process left open, and remove their half-written output.
+
+    Called when the daemon starts. A cancelling run becomes ``cancelled``; any other
+    interrupted run becomes ``failed`` with the state it died in. Returns the runs changed.
+    """
+    from retrain.trainer import clean_temporary_siblings
+
+    changed = []
+    for run in store.runs(states=INTERRUPTED_STATES, limit=1000):
+        state = "cancelled" if run["state"] == "cancelling" else "failed"
+        error = f"daemon restarted while the run was {run['state']}"
+        if store.transition_run(run["id"], (run["state"],), state, actor="daemon", action=f"run_{state}",
+                                detail={"reason": "restart", "was": run["state"]}, error=error):
+            logger.warning("retrain run %s was %s when the daemon stopped; marked %s", run["id"], run["state"], state)
+            changed.append(store.get_run(run["id"]))
+            work_dir = Path(state_dir) / "runs" / run["id"]
+            if run["state"] != "promoting":
+                shutil.rmtree(work_dir, ignore_errors=True)
+            elif work_dir.is_dir():
+                clean_temporary_siblings(work_dir)
+    return changed

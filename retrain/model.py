@@ -137,18 +137,29 @@ def validate_adapter_dir(adapter_dir: Path) -> list[str]:
 def load_base_classifier(base_model: str, labels: list[str]):
     """Load the tokenizer and the base model with a fresh head over ``labels``.
 
-    Raises OSError when the model cannot be found or read; callers wrap it in
-    the error type of their context.
+    A tokenizer without a pad token pads with its end-of-sequence token, and the model's
+    ``pad_token_id`` follows, because decoder classifiers find each text's last token by it.
+    Raises OSError when the model cannot be found or read and ValueError when the tokenizer
+    has neither token; callers wrap both in the error type of their context.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {base_model!r} has neither a pad_token nor an eos_token, so batches cannot be "
+                "padded; add a pad token to the tokenizer files or choose another base model"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer of %s has no pad_token; padding with eos_token %r", base_model, tokenizer.eos_token)
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
     )
+    model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
 
 
@@ -208,7 +219,7 @@ class Classifier:
 
         try:
             tokenizer, base = load_base_classifier(base_model, labels)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise ConfigError(f"base model {base_model!r} could not be loaded: {error}") from error
 
         try:

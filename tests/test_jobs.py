@@ -6,41 +6,7 @@ from prometheus_client import generate_latest
 from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
 from retrain.bootstrap import bootstrap
-from retrain.jobs import approve_run, assemble_training_data, in_holdout, normalise, reject_run
-
-
-def production(n, label="l1", prefix="event"):
-    return [(f"{prefix}-{i}", f"production text number {i}", label) for i in range(n)]
-
-
-def test_holdout_split_is_stable_and_near_fraction():
-    ids = [f"id-{i}" for i in range(5000)]
-    first = [in_holdout(event_id, 0.2) for event_id in ids]
-    assert first == [in_holdout(event_id, 0.2) for event_id in ids]
-    assert 0.17 < sum(first) / len(ids) < 0.23
-
-
-def test_no_text_both_trained_and_judged():
-    events = production(300)
-    # The same text posted twice under different ids must not leak across the split.
-    events += [(f"copy-{i}", text.upper() + "  ", label) for i, (_, text, label) in enumerate(events[:100])]
-    base = [(f"base text {i}", f"l{i % 3}") for i in range(60)]
-    data = assemble_training_data(base, events, replay_per_label=5, holdout_fraction=0.3, seed=0)
-    judged = {normalise(text) for text, _ in data.holdout}
-    trained = {normalise(text) for text, _ in data.train}
-    assert data.holdout
-    assert not judged & trained
-    assert data.duplicates_removed > 0
-
-
-def test_replay_and_cap_per_label():
-    base = [(f"base text {i}", f"l{i % 3}") for i in range(60)]
-    events = production(200, label="oos")
-    data = assemble_training_data(base, events, replay_per_label=4, holdout_fraction=0.2, seed=0, max_per_label=25)
-    assert data.replay == 12
-    assert data.label_counts["oos"] == 25
-    assert data.capped > 0
-    assert all(count <= 25 for count in data.label_counts.values())
+from retrain.jobs import approve_run, reject_run
 
 
 @pytest.fixture(scope="module")
