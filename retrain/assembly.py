@@ -16,6 +16,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from monitor.errors import TrainingError
 from retrain.datasets import Example, cap_per_label
 
 logger = logging.getLogger(__name__)
@@ -127,10 +128,19 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
     class (such as out-of-scope) does not swamp the rare new intents. The rest is split
     into train and validation by ``split_validation``.
 
+    A production label outside ``labels`` raises TrainingError naming it.
     Classes with fewer than ``min_class_examples`` training examples are reported in
     ``small_classes`` and logged, never dropped; labels of ``labels`` without any
     example are listed in ``labels_without_examples``.
     """
+    if labels is not None:
+        known = set(labels)
+        unknown = [label for _, _, label in production if label not in known]
+        if unknown:
+            raise TrainingError(
+                f"{len(unknown)} labelled production events ({len(set(unknown))} distinct labels) have labels "
+                f"outside the classifier's label set; first unknown label: {unknown[0]!r}"
+            )
     holdout = [(text, label) for event_id, text, label in production if in_holdout(event_id, holdout_fraction)]
     production_train = [(text, label) for event_id, text, label in production if not in_holdout(event_id, holdout_fraction)]
     replay, _ = cap_per_label(base_train, replay_per_label, seed) if replay_per_label else ([], [])

@@ -372,6 +372,9 @@ def _build_model(base_model: str, labels: list[str], settings: TrainSettings, in
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise TrainingError(f"init_adapter {init_adapter} could not be loaded: {error}") from error
         adapter_config = model.peft_config["default"]
+        if adapter_config.r != settings.rank:
+            logger.warning("init_adapter %s has rank %d; it overrides the configured rank %d",
+                           init_adapter, adapter_config.r, settings.rank)
         return tokenizer, model, sorted(adapter_config.target_modules), adapter_config.r
 
     targets = resolve_target_modules(model, settings)

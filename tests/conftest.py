@@ -55,3 +55,36 @@ def clinc_dir() -> Path:
     if not (path / "data_full.json").exists():
         pytest.skip(f"CLINC150 not found under {path}; set DRIFTLOOP_DATA")
     return path
+
+
+def tiny_deployment_config(state: Path, model_dir: Path) -> dict:
+    """A raw config for a small deployment on the tiny model: one CLINC150 domain, short training."""
+    return {
+        "state_dir": str(state),
+        "approval": "manual",
+        "model": {"base": str(model_dir), "max_length": 32},
+        "embedding": {"model": str(model_dir)},
+        "data": {"clinc150": {"domains": ["banking"]}, "per_label_limit": 6},
+        "bootstrap": {"epochs": 1},
+        "monitor": {"window_size": 40, "sample_size": 40, "check_interval_s": 3600},
+        "detectors": {"embedding": {"reference_sample": 60}},
+        "retrain": {"replay_per_label": 2, "training": {"epochs": 2}, "sweep": {"budget_steps": 5}},
+        # The tiny random model cannot improve much; these gates let a run reach approval.
+        "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "max_test_regression": 1.0},
+    }
+
+
+def post_labelled_events(daemon, count, offset=0):
+    """Post ``count`` events to the daemon, each labelled ``transfer`` (a banking intent)."""
+    labels = daemon.labels
+    rows = []
+    for i in range(count):
+        probabilities = [0.0] * len(labels)
+        probabilities[i % len(labels)] = 1.0
+        rows.append({"id": f"job-{offset + i}", "text": f"please move money between accounts {offset + i}",
+                     "probabilities": probabilities, "latency_ms": 5.0})
+    result = daemon.ingest_events({"events": rows})
+    assert not result.errors
+    labelled = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
+    assert labelled.accepted == count
+    assert not labelled.errors

@@ -43,11 +43,19 @@ def test_defaults_without_file():
         ({"alarm": {"false_alarms_per_week": 100000}}, "alarm.false_alarms_per_week", "100000"),
         ({"detectors": {"enabled": ["domain_classifier"], "min_samples": 5, "domain_classifier": {"folds": 8}}},
          "detectors.domain_classifier.folds", "8"),
+        ({"retrain": {"sweep": {"ranks": [4, 0]}}}, "retrain.sweep.ranks", "rank 0 is outside 1..512"),
+        ({"retrain": {"sweep": {"ranks": []}}}, "retrain.sweep.ranks", "at least one rank"),
+        ({"retrain": {"sweep": {"ranks": [8, 8]}}}, "retrain.sweep.ranks", "more than once"),
+        ({"retrain": {"training": {"precision": "fp8"}}}, "retrain.training.precision", "'fp8'"),
+        ({"retrain": {"training": {"target_modules": []}}}, "retrain.training.target_modules", "non-empty list"),
+        ({"retrain": {"training": {"max_wall_time_s": 0}}}, "retrain.training.max_wall_time_s", "0"),
+        ({"retrain": {"validation_fraction": 0.6}}, "retrain.validation_fraction", "0.6"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
          "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "repeated-signal", "budget-above-windows",
-         "folds-above-min-samples"],
+         "folds-above-min-samples", "sweep-rank-zero", "sweep-no-ranks", "sweep-repeated-rank", "unknown-precision",
+         "no-target-modules", "zero-wall-time", "validation-too-large"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:

@@ -7,42 +7,16 @@ from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
 from retrain.bootstrap import bootstrap
 from retrain.jobs import approve_run, reject_run
+from tests.conftest import post_labelled_events, tiny_deployment_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tiny_model_dir, clinc_dir):
     state = tmp_path_factory.mktemp("jobs-state")
-    raw = {
-        "state_dir": str(state),
-        "approval": "manual",
-        "model": {"base": str(tiny_model_dir), "max_length": 32},
-        "embedding": {"model": str(tiny_model_dir)},
-        "data": {"clinc150": {"domains": ["banking"]}, "per_label_limit": 6},
-        "bootstrap": {"epochs": 1},
-        "monitor": {"window_size": 40, "sample_size": 40, "check_interval_s": 3600},
-        "detectors": {"embedding": {"reference_sample": 60}},
-        "retrain": {"replay_per_label": 2, "training": {"epochs": 1}},
-        # The tiny random model cannot improve much; these gates let a run reach approval.
-        "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "max_test_regression": 1.0},
-    }
+    raw = tiny_deployment_config(state, tiny_model_dir)
     config = parse_config(raw)
     bootstrap(config, log=lambda message: None)
     return config
-
-
-def post_labelled_events(daemon, count, offset=0):
-    labels = daemon.labels
-    rows = []
-    for i in range(count):
-        probabilities = [0.0] * len(labels)
-        probabilities[i % len(labels)] = 1.0
-        rows.append({"id": f"job-{offset + i}", "text": f"please move money between accounts {offset + i}",
-                     "probabilities": probabilities, "latency_ms": 5.0})
-    result = daemon.ingest_events({"events": rows})
-    assert not result.errors
-    labelled = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
-    assert labelled.accepted == count
-    assert not labelled.errors
 
 
 def test_run_waits_for_approval_then_promotes(config):

@@ -1,0 +1,304 @@
+"""Retrain runs inside the daemon: sweep and lineage, cancel, bad input, and a crash mid-training."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from monitor.cli import main
+from monitor.config import parse_config
+from monitor.daemon import MonitorDaemon, new_run_id
+from retrain.bootstrap import bootstrap
+from retrain.jobs import RetrainJob, approve_run, cancel_run
+from tests.conftest import post_labelled_events, tiny_deployment_config
+from tests.test_training_runs import save_tokenizer_variant
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# A run that trains until it is cancelled or killed.
+LONG_RUN = {"retrain": {"sweep": {"enabled": False}, "training": {"epochs": 1000, "early_stopping_patience": 1000}}}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            sha.update(path.name.encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+@pytest.fixture()
+def deployment(tmp_path, tiny_model_dir):
+    """A bootstrapped state on a private copy of the tiny model; returns (raw config, config file)."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    raw = tiny_deployment_config(tmp_path / "state", model)
+    path = tmp_path / "driftloop.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    bootstrap(parse_config(raw), log=lambda message: None)
+    return raw, path
+
+
+@pytest.fixture()
+def daemon(deployment):
+    raw, _ = deployment
+    running = MonitorDaemon(parse_config(raw))
+    running.start(background=False)
+    assert running.ready, running.startup_error
+    post_labelled_events(running, 60)
+    yield running
+    running.stop()
+
+
+def run_job(daemon: MonitorDaemon, config) -> dict:
+    """Run one retrain the way the daemon's worker does, in this thread, and return the run."""
+    run_id = new_run_id()
+    active = daemon.registry.active()
+    daemon.store.create_run(run_id, "queued", active.name, {"reason": "test"})
+    RetrainJob(run_id=run_id, config=config, store=daemon.store, registry=daemon.registry, dataset=daemon.dataset,
+               base=active, since=None).run()
+    return daemon.store.get_run(run_id)
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def test_run_records_sweep_lineage_and_job_states(daemon):
+    run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+    daemon.job_thread.join(timeout=300)
+    run = daemon.store.get_run(run_id)
+    assert run["state"] == "pending_approval", run["error"]
+    assert run["job"] == "succeeded"
+
+    sweep = run["training"]["sweep"]
+    assert [(row["rank"], row["start"]) for row in sweep] == [(4, "scratch"), (8, "scratch"), (16, "scratch"),
+                                                             (32, "scratch"), (8, "warm")]
+    chosen = [row for row in sweep if row["chosen"]]
+    assert len(chosen) == 1 and run["training"]["rank"] == chosen[0]["rank"]
+
+    record = yaml.safe_load((Path(run["candidate_dir"]) / "training.yaml").read_text())
+    assert record["run_id"] == run_id and record["base_version"] == "v1"
+    assert record["sweep"] == sweep
+    assert record["data"]["sha256"]["train"] == record["data_sha256"]
+    assert record["data"]["train"] == record["n_train"] and record["data"]["validation"] == record["n_validation"]
+    assert sum(record["data"]["class_counts"].values()) == record["n_train"]
+    assert {"reference.jsonl", "validation.jsonl", "train.jsonl"} <= {path.name for path in Path(run["candidate_dir"]).iterdir()}
+
+    actions = [entry["action"] for entry in daemon.store.audit_log() if entry["run_id"] == run_id]
+    assert actions[:5] == ["retrain_triggered", "run_training", "run_evaluating", "canary_passed", "run_pending_approval"]
+    metrics = generate_latest(daemon.metrics.registry).decode()
+    assert "driftloop_retrain_validation_loss " in metrics
+    assert 'driftloop_retrain_state{driftloop_retrain_state="pending_approval"} 1.0' in metrics
+
+
+def test_http_cancel_stops_a_running_job(deployment, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from monitor.api import create_app
+
+    raw, _ = deployment
+    config = parse_config(merge(raw, LONG_RUN))
+    monkeypatch.setenv("DRIFTLOOP_API_TOKEN", "s3cret")
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        post_labelled_events(daemon, 60)
+        client = TestClient(create_app(daemon))
+        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+        wait_for(lambda: daemon.metrics.retrain_step._value.get() > 0)
+
+        assert client.post(f"/v1/retrains/{run_id}/cancel").status_code == 401
+        response = client.post(f"/v1/retrains/{run_id}/cancel", json={"by": "dana", "comment": "wrong data"},
+                               headers={"Authorization": "Bearer s3cret"})
+        assert response.status_code == 200, response.text
+        assert response.json()["state"] == "cancelling"
+        daemon.job_thread.join(timeout=30)
+        assert not daemon.job_thread.is_alive()
+
+        run = daemon.store.get_run(run_id)
+        assert (run["state"], run["job"]) == ("cancelled", "cancelled")
+        assert not (config.state_path / "runs" / run_id).exists()
+        assert daemon.registry.active().name == "v1"
+        entries = [entry for entry in daemon.store.audit_log() if entry["run_id"] == run_id]
+        cancel = next(entry for entry in entries if entry["action"] == "cancel_requested")
+        assert (cancel["actor"], cancel["detail"]["comment"]) == ("dana", "wrong data")
+        assert entries[-1]["action"] == "run_cancelled"
+        again = client.post(f"/v1/retrains/{run_id}/cancel", headers={"Authorization": "Bearer s3cret"})
+        assert again.status_code == 409 and "is cancelled" in again.json()["error"]
+        # The daemon goes on: a new run can start, and events are still accepted.
+        post_labelled_events(daemon, 5, offset=500)
+    finally:
+        daemon.stop()
+
+
+def test_cli_cancel_of_a_pending_run_and_its_errors(daemon, deployment, capsys):
+    _, path = deployment
+    config = parse_config(merge(deployment[0], {"retrain": {"sweep": {"enabled": False}}}))
+    run = run_job(daemon, config)
+    assert run["state"] == "pending_approval", run["error"]
+    candidate = Path(run["candidate_dir"])
+    assert candidate.is_dir()
+
+    assert main(["cancel", run["id"], "--config", str(path), "--by", "erin"]) == 0
+    assert "cancelled" in capsys.readouterr().out
+    assert daemon.store.get_run(run["id"])["state"] == "cancelled"
+    assert not candidate.exists()
+
+    assert main(["cancel", run["id"], "--config", str(path)]) == 2
+    assert f"retrain run {run['id']} is cancelled, only queued or training or evaluating runs" in capsys.readouterr().err
+    assert main(["cancel", "r-missing", "--config", str(path)]) == 2
+    assert "retrain run 'r-missing' not found" in capsys.readouterr().err
+    with pytest.raises(Exception, match="is cancelled, only pending_approval runs can be approved"):
+        approve_run(daemon.store, run["id"], actor="erin")
+
+
+def test_cancel_wins_over_a_late_state_change(daemon):
+    """A cancel request between two steps of the worker is never overwritten by the worker."""
+    run_id = new_run_id()
+    daemon.store.create_run(run_id, "queued", "v1", {})
+    assert cancel_run(daemon.store, run_id, actor="test")["state"] == "cancelling"
+    job = RetrainJob(run_id=run_id, config=daemon.config, store=daemon.store, registry=daemon.registry,
+                     dataset=daemon.dataset, base=daemon.registry.active(), since=None)
+    assert job.run() == "cancelled"
+    assert daemon.store.get_run(run_id)["state"] == "cancelled"
+
+
+def corrupt_weights(daemon, raw):
+    weights = daemon.registry.active().adapter_dir / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    return parse_config(raw), lambda: weights.write_bytes(original)
+
+
+def missing_base_model(daemon, raw):
+    model = Path(raw["model"]["base"])
+    moved = model.with_name("moved-away")
+    model.rename(moved)
+    return parse_config(raw), lambda: moved.rename(model)
+
+
+def tokenizer_without_pad_and_eos(daemon, raw):
+    model = Path(raw["model"]["base"])
+    kept = model.with_name("kept")
+    model.rename(kept)
+    save_tokenizer_variant(kept, model, pad=False, eos=None)
+
+    def restore():
+        shutil.rmtree(model)
+        kept.rename(model)
+
+    return parse_config(raw), restore
+
+
+def rank_too_large(daemon, raw):
+    changes = {"retrain": {"warm_start": False, "sweep": {"enabled": False}, "training": {"rank": 64}}}
+    return parse_config(merge(raw, changes)), lambda: None
+
+
+def unknown_label(daemon, raw):
+    # A label set that changed under stored events: ingest would refuse it today.
+    daemon.store.set_labels({"job-3": "not-a-label"})
+    return parse_config(raw), lambda: None
+
+
+@pytest.mark.parametrize(("breaker", "expected"), [
+    (corrupt_weights, "adapter_model.safetensors is unreadable"),
+    (missing_base_model, "could not be loaded"),
+    (tokenizer_without_pad_and_eos, "neither a pad_token nor an eos_token"),
+    (rank_too_large, "rank 64 does not fit the model"),
+    (unknown_label, "first unknown label: 'not-a-label'"),
+])
+def test_bad_input_fails_the_run_and_spares_the_daemon(daemon, deployment, breaker, expected):
+    raw, _ = deployment
+    active = daemon.registry.active()
+    before = digest(active.adapter_dir)
+    config, restore = breaker(daemon, raw)
+    try:
+        run = run_job(daemon, config)
+    finally:
+        restore()
+    assert run["state"] == "failed"
+    assert expected in run["error"]
+    assert not (config.state_path / "runs" / run["id"]).exists()
+    assert daemon.registry.active() == active
+    assert digest(active.adapter_dir) == before
+    assert daemon.ready
+    post_labelled_events(daemon, 3, offset=900)
+
+
+def test_killed_mid_training_then_restarted(deployment):
+    raw, _ = deployment
+    long_run = merge(raw, LONG_RUN)
+    path = Path(raw["state_dir"]).parent / "long.yaml"
+    path.write_text(yaml.safe_dump(long_run))
+    config = parse_config(long_run)
+    first = MonitorDaemon(config)
+    first.start(background=False)
+    post_labelled_events(first, 60)
+    active = first.registry.active()
+    before = digest(active.adapter_dir)
+    first.stop()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPOSITORY)}
+    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "retrain", "--config", str(path), "--no-progress"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        # Wait until the child logs a training step, then kill it without warning.
+        for line in process.stdout:
+            lines.append(line)
+            if ": step " in line:
+                break
+        assert process.poll() is None, "".join(lines)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+    restarted = MonitorDaemon(config)
+    [run] = restarted.store.runs(limit=1)
+    assert run["state"] == "training"
+    work_dir = config.state_path / "runs" / run["id"]
+    # A save that died half-way leaves a temporary folder; the restart removes it.
+    (work_dir / ".candidate.tmp-dead").mkdir(parents=True, exist_ok=True)
+    restarted.start(background=False)
+    try:
+        assert restarted.ready, restarted.startup_error
+        run = restarted.store.get_run(run["id"])
+        assert (run["state"], run["job"]) == ("failed", "failed")
+        assert "daemon restarted while the run was training" in run["error"]
+        assert not work_dir.exists()
+        assert restarted.registry.active() == active
+        assert digest(active.adapter_dir) == before
+        assert [version.name for version in restarted.registry.versions()] == ["v1"]
+        # The next retrain starts normally.
+        assert restarted.start_retrain({"reason": "after the crash"}, actor="test")
+        restarted.cancel_retrain(restarted.store.runs(limit=1)[0]["id"], actor="test")
+        restarted.job_thread.join(timeout=60)
+    finally:
+        restarted.stop()
