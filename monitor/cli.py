@@ -189,6 +189,7 @@ class TerminalProgress:
     def __init__(self) -> None:
         self.bar = None
         self.phase = None
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, progress: dict) -> None:
         from tqdm import tqdm
@@ -197,11 +198,13 @@ class TerminalProgress:
         if self.bar is None or phase != self.phase:
             self.close()
             self.phase = phase
+            self.postfix = {}
             self.bar = tqdm(total=progress["total_steps"], desc=phase, unit="step", file=sys.stderr, dynamic_ncols=True)
         self.bar.update(progress["step"] - self.bar.n)
-        shown = {key: f"{progress[key]:.3f}" for key in ("loss", "val_loss", "val_macro_f1") if progress.get(key) is not None}
-        if shown:
-            self.bar.set_postfix(shown, refresh=False)
+        for key in ("loss", "val_loss", "val_macro_f1"):
+            if progress.get(key) is not None:
+                self.postfix[key] = f"{progress[key]:.3f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -246,7 +249,14 @@ def cmd_retrain(args) -> int:
     try:
         job = RetrainJob(run_id=run_id, config=config, store=store, registry=registry, dataset=dataset, base=active,
                          since=registry.activated_at(), on_progress=progress, should_stop=stop.is_set)
-        state = job.run()
+        if use_bar:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # Log lines go above the bar instead of breaking it.
+            with logging_redirect_tqdm():
+                state = job.run()
+        else:
+            state = job.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -261,7 +271,12 @@ def cmd_retrain(args) -> int:
     for name, finding in (training.get("findings") or {}).items():
         print(f"warning: {name}: {finding.get('message', finding)}")
     canary = run["canary"] or {}
-    print(f"run {run_id}: {state}" + (f", canary {canary['status']}" if canary else "") + (f"; {run['error']}" if run["error"] else ""))
+    summary = f"run {run_id}: {state}"
+    if canary:
+        summary += f", canary {canary['status']}"
+    if run["error"]:
+        summary += f"; {run['error']}"
+    print(summary)
     if state == "pending_approval":
         print(f"approve with `driftloop approve {run_id}`; the running monitor then promotes it")
     return 0 if state in ("pending_approval", "approved", "rejected_by_gate") else 1

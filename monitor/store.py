@@ -398,7 +398,7 @@ class Store:
 def job_status(state: str) -> str:
     """Map a run state to the job's coarse status: queued, running, succeeded, failed or cancelled.
 
-    A run whose training and canary finished has succeeded as a job, whatever the approval says.
+    A run whose training and canary finished has succeeded as a job, whatever the approval decides.
     """
     if state == "queued":
         return "queued"

@@ -1,11 +1,11 @@
 """The training set of a retrain: replayed original data plus labelled production events.
 
-Three kinds of texts judge a candidate, and none of them may be trained on:
-the production holdout (split off by a stable hash of the event id), the
-original test split (the canary's guard against forgetting) and the validation
-holdout (split off the assembled training data by a stable hash of the
-normalised text, used for early stopping and the rank sweep). Texts are
-compared after normalising case and whitespace.
+Three sets of texts judge a candidate, and none of their texts may be
+trained on. The production holdout is split off by a stable hash of the event
+id. The original test split is the canary's guard against forgetting. The
+validation holdout is split off the assembled training data by a stable hash
+of the normalised text, and serves early stopping and the rank sweep. Texts
+are compared after normalising case and whitespace.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class AssembledData:
 def split_validation(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
     """Split ``examples`` into (train, validation) by a stable hash of each normalised text.
 
-    A class with at least two examples keeps at least one on each side, so every
-    class trained on is also scored; a class with one example stays in train.
+    About ``fraction`` of each class goes to validation, but never a whole class: at least
+    one example of every class stays in train.
     """
     by_label: dict[str, list[Example]] = defaultdict(list)
     for example in examples:
@@ -106,10 +106,10 @@ def split_validation(examples: list[Example], fraction: float) -> tuple[list[Exa
     validation: list[Example] = []
     for label in sorted(by_label):
         group = sorted(by_label[label], key=lambda example: stable_fraction(normalise(example[0])))
-        held = sum(stable_fraction(normalise(text)) < fraction for text, _ in group)
-        held = min(max(held, 1), len(group) - 1) if len(group) >= 2 else 0
-        validation.extend(group[:held])
-        train.extend(group[held:])
+        n_validation = sum(stable_fraction(normalise(text)) < fraction for text, _ in group)
+        n_validation = min(n_validation, len(group) - 1)
+        validation.extend(group[:n_validation])
+        train.extend(group[n_validation:])
     return train, validation
 
 
@@ -120,7 +120,7 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
                            min_class_examples: int = 1) -> AssembledData:
     """Mix replayed original data with labelled production events and split off the judging sets.
 
-    ``production`` holds ``(event_id, text, label)``. Events go to the canary holdout
+    ``production`` is a list of ``(event_id, text, label)``. Events go to the canary holdout
     by a hash of their id. Up to ``replay_per_label`` original examples of each label
     are replayed against forgetting. Exact and normalised duplicates are removed, and so
     is every text that occurs in the holdout or in ``judged_texts`` (the original test
@@ -147,7 +147,7 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
 
     judged = {normalise(text) for text, _ in holdout} | {normalise(text) for text in judged_texts}
     seen: set[str] = set()
-    kept: list[Example] = []
+    unique: list[Example] = []
     duplicates = judged_removed = 0
     for text, label in production_train + replay:
         key = normalise(text)
@@ -158,12 +158,12 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
             duplicates += 1
             continue
         seen.add(key)
-        kept.append((text, label))
-    kept, capped = cap_per_label(kept, max_per_label, seed)
-    train, validation = split_validation(kept, validation_fraction)
+        unique.append((text, label))
+    unique, capped = cap_per_label(unique, max_per_label, seed)
+    train, validation = split_validation(unique, validation_fraction)
     random.Random(seed).shuffle(train)
 
-    counts = Counter(label for _, label in kept)
+    counts = Counter(label for _, label in unique)
     small = {label: count for label, count in sorted(counts.items()) if count < min_class_examples}
     if small:
         logger.warning("%d classes have fewer than %d training examples and are kept: %s",

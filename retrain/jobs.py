@@ -299,8 +299,10 @@ def reject_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> d
 
 
 def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", state_dir: Path | None = None) -> dict:
-    """Cancel a run. A running one moves to ``cancelling`` and its worker stops before its next step;
-    a pending or approved one becomes ``cancelled`` at once, and its candidate folder is removed.
+    """Cancel a run.
+
+    A running run moves to ``cancelling``, and its worker stops before its next step. A pending
+    or approved run becomes ``cancelled`` at once, and its candidate folder is removed.
     Cancelling a run that is already cancelling changes nothing.
     """
     run = store.get_run(run_id)

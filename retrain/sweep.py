@@ -6,9 +6,9 @@ is its score. ``alpha`` scales with the rank, so every rank keeps the
 configured alpha/rank ratio. The highest
 score wins. A candidate within ``tie_tolerance`` of the best counts as a tie,
 and a tie goes to the smaller rank. A warm start from the current adapter
-joins as one more candidate at that adapter's rank. A candidate that fails
-(say, a rank that does not fit the model) is recorded with its error and
-skipped; the sweep fails only when every candidate does.
+joins as one more candidate at that adapter's rank. A candidate that fails,
+say a rank that does not fit the model, is recorded with its error and
+skipped. The sweep fails only when every candidate does.
 """
 
 from __future__ import annotations

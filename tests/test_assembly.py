@@ -51,15 +51,19 @@ def test_replay_and_cap_per_label():
     assert all(count <= 25 for count in kept.values())
 
 
-def test_validation_split_is_stable_and_keeps_every_class_on_both_sides():
-    examples = [(f"text {i} of {label}", label) for label in ("a", "b", "c") for i in range(40)] + [("lonely", "d")]
+def test_validation_split_is_stable_and_never_takes_a_whole_class():
+    examples = [(f"text {i} of {label}", label) for label in ("a", "b", "c") for i in range(40)]
+    examples += [("lonely", "d"), ("pair one", "e"), ("pair two", "e")]
     train, validation = split_validation(examples, 0.1)
     assert (train, validation) == split_validation(list(reversed(examples)), 0.1)
     assert {label for _, label in validation} == {"a", "b", "c"}
-    # A class with one example is trained on, never only judged.
-    assert ("lonely", "d") in train
     assert not set(train) & set(validation)
-    assert 6 <= len(validation) <= 24
+    assert 6 <= len(validation) <= 20
+    # Every class is trained on, even when the hash sends all its texts to validation.
+    assert {label for _, label in train} == {"a", "b", "c", "d", "e"}
+    _, everything = split_validation(examples, 0.999)
+    assert {"d", "e"} <= {label for _, label in train}
+    assert len([label for _, label in everything if label == "a"]) == 39
 
 
 def test_small_classes_are_reported_never_dropped():
