@@ -248,7 +248,8 @@ def cmd_retrain(args) -> int:
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         job = RetrainJob(run_id=run_id, config=config, store=store, registry=registry, dataset=dataset, base=active,
-                         since=registry.activated_at(), on_progress=progress, should_stop=stop.is_set)
+                         since=registry.activated_at(), on_progress=progress, should_stop=stop.is_set,
+                         stop_reason="interrupted in the terminal")
         if use_bar:
             from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -64,7 +64,7 @@ class RetrainJob:
     def __init__(self, *, run_id: str, config: Config, store: Store, registry: Registry, dataset: Dataset,
                  base: Version, since: float | None, drift_started_at: float | None = None,
                  on_progress: Callable[[dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, stop_reason: str = "the daemon is stopping"):
         self.run_id = run_id
         self.config = config
         self.store = store
@@ -75,6 +75,7 @@ class RetrainJob:
         self.drift_started_at = drift_started_at
         self.on_progress = on_progress
         self.external_stop = should_stop
+        self.stop_reason = stop_reason
         self.work_dir = config.state_path / "runs" / run_id
         self._last_poll = 0.0
         self._cancel_seen = False
@@ -133,7 +134,7 @@ class RetrainJob:
         try:
             return self._run()
         except (TrainingCancelled, RunCancelled) as exc:
-            reason = "the daemon is stopping" if self.external_stop is not None and self.external_stop() else str(exc)
+            reason = self.stop_reason if self.external_stop is not None and self.external_stop() else str(exc)
             self.store.transition_run(self.run_id, RUNNING_STATES, "cancelled", actor="retrain", action="run_cancelled",
                                       detail={"reason": reason}, error=f"cancelled: {reason}")
             logger.info("retrain run %s: state cancelled (%s)", self.run_id, reason)

@@ -302,3 +302,36 @@ def test_killed_mid_training_then_restarted(deployment):
         restarted.job_thread.join(timeout=60)
     finally:
         restarted.stop()
+
+
+def test_ctrl_c_cancels_a_terminal_retrain(deployment):
+    raw, _ = deployment
+    path = Path(raw["state_dir"]).parent / "long.yaml"
+    path.write_text(yaml.safe_dump(merge(raw, LONG_RUN)))
+    daemon = MonitorDaemon(parse_config(raw))
+    daemon.start(background=False)
+    post_labelled_events(daemon, 60)
+    daemon.stop()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPOSITORY)}
+    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "retrain", "--config", str(path), "--no-progress"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if ": step " in line:
+                break
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    output = "".join(lines) + output
+    assert process.returncode == 1, output
+    assert ": cancelled" in output
+    store = MonitorDaemon(parse_config(raw)).store
+    [run] = store.runs(limit=1)
+    assert run["state"] == "cancelled"
+    assert run["error"] == "cancelled: interrupted in the terminal"
