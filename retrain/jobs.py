@@ -128,9 +128,18 @@ class RetrainJob:
         return reference, validation
 
     def run(self) -> str:
-        """Return the final state reached by this thread (``approved`` means promotion is next)."""
+        """Return the final state reached by this thread (``approved`` means promotion is next).
+
+        Torch runs on ``retrain.training.num_threads`` threads for the whole run, canary included
+        (default: every core but one), so the sidecar's ingest keeps a core.
+        """
+        import torch
+
         from retrain.trainer import TrainingCancelled
 
+        threads = self.config.retrain.training.num_threads or training_threads()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
             return self._run()
         except (TrainingCancelled, RunCancelled) as exc:
@@ -149,6 +158,8 @@ class RetrainJob:
                              (self.store.get_run(self.run_id) or {}).get("state"))
             shutil.rmtree(self.work_dir, ignore_errors=True)
             return "failed"
+        finally:
+            torch.set_num_threads(previous_threads)
 
     def _assemble(self) -> AssembledData:
         retrain = self.config.retrain
@@ -326,6 +337,9 @@ def recover_interrupted_runs(store: Store, state_dir: Path) -> list[dict]:
 
     Called when the daemon starts. A cancelling run becomes ``cancelled``; any other
     interrupted run becomes ``failed`` with the state it died in. Returns the runs changed.
+
+    NOTE: a `driftloop retrain` still running in another process is closed too; the runs
+    table does not record which process owns a run.
     """
     from retrain.trainer import clean_temporary_siblings
 

@@ -461,6 +461,8 @@ def _train(model, tokenizer, label_ids: list[int], texts: list[str], validation:
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
+    # NOTE: the CUDA paths (bf16 autocast, fp16 with GradScaler) have not run on a GPU here;
+    # bench/gpu_retrain.sh is the check to run on one.
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(settings.seed)
     targets = torch.tensor(label_ids, dtype=torch.long)

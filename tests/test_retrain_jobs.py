@@ -335,3 +335,19 @@ def test_ctrl_c_cancels_a_terminal_retrain(deployment):
     [run] = store.runs(limit=1)
     assert run["state"] == "cancelled"
     assert run["error"] == "cancelled: interrupted in the terminal"
+
+
+def test_the_run_trains_on_the_configured_thread_cap(daemon, deployment):
+    import torch
+
+    config = parse_config(merge(deployment[0], {"retrain": {"sweep": {"enabled": False}, "training": {"num_threads": 1}}}))
+    seen = set()
+    run_id = new_run_id()
+    daemon.store.create_run(run_id, "queued", "v1", {})
+    before = torch.get_num_threads()
+    job = RetrainJob(run_id=run_id, config=config, store=daemon.store, registry=daemon.registry, dataset=daemon.dataset,
+                     base=daemon.registry.active(), since=None,
+                     on_progress=lambda progress: seen.add(torch.get_num_threads()))
+    assert job.run() == "pending_approval"
+    assert seen == {1}
+    assert torch.get_num_threads() == before
