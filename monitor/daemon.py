@@ -460,10 +460,11 @@ class MonitorDaemon:
         """Register the run's candidate as a new version, activate it and rebuild the reference."""
 
         with self.promotion_lock:
-            run = self.store.get_run(run_id)
-            if run is None or run["state"] != "approved":
+            # A cancel or reject that lands first wins; the check and the change are one statement.
+            if not self.store.transition_run(run_id, ("approved",), "promoting", actor=actor, action="run_promoting"):
+                run = self.store.get_run(run_id)
                 raise DriftloopError(f"retrain run {run_id} is not approved (state {run and run['state']})")
-            self.store.update_run(run_id, state="promoting")
+            run = self.store.get_run(run_id)
             try:
                 version = self.registry.register(Path(run["candidate_dir"]), parent=run["base_version"],
                                                  run_id=run_id, actor=actor)
