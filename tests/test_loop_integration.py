@@ -13,7 +13,8 @@ SMALL_SLICE = {
     "bootstrap": {"epochs": 5, "learning_rate": 0.005},
     "monitor": {"window_size": 80, "sample_size": 80, "check_interval_s": 1.0},
     "trigger": {"consecutive_windows": 2, "min_labels": 400, "cooldown_s": 30},
-    "retrain": {"replay_per_label": 6, "training": {"epochs": 5, "learning_rate": 0.005}},
+    "retrain": {"replay_per_label": 6, "training": {"epochs": 5, "learning_rate": 0.005},
+                "sweep": {"ranks": [4, 8], "budget_steps": 20}},
     "canary": {"min_production_samples": 20, "shadow_sample": 80, "max_test_regression": 0.03},
 }
 
