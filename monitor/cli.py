@@ -218,7 +218,7 @@ def cmd_retrain(args) -> int:
 
     from monitor.daemon import new_run_id
     from retrain.datasets import dataset_from_config
-    from retrain.jobs import RUNNING_STATES, RetrainJob
+    from retrain.jobs import RUNNING_STATES, RetrainJob, recover_interrupted_runs, run_owner
     from retrain.trainer import progress_reporter
 
     config = _config(args)
@@ -226,14 +226,19 @@ def cmd_retrain(args) -> int:
     active = registry.active()
     if active is None:
         raise DriftloopError("no active version to retrain from; run `driftloop bootstrap` first")
+    # A run whose process died (a killed terminal, say) is closed here, as the daemon does at start.
+    recover_interrupted_runs(store, config.state_path)
     running = store.runs(states=RUNNING_STATES, limit=1)
     if running:
         raise DriftloopError(f"retrain run {running[0]['id']} is {running[0]['state']}; wait for it or "
                              f"`driftloop cancel {running[0]['id']}`")
+    if store.count_labelled(since=registry.activated_at()) == 0:
+        raise DriftloopError(f"no labelled production events since version {active.name} became active; "
+                             "post labels to the monitor's /v1/labels first")
     dataset = dataset_from_config(config)
     run_id = new_run_id()
     trigger = {"reason": args.reason, "manual": True}
-    store.create_run(run_id, "queued", active.name, trigger)
+    store.create_run(run_id, "queued", active.name, {**trigger, "owner": run_owner("driftloop retrain")})
     store.audit(args.by, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
     print(f"retrain run {run_id} from version {active.name}; Ctrl-C or `driftloop cancel {run_id}` stops it", flush=True)
 
@@ -268,12 +273,13 @@ def cmd_retrain(args) -> int:
     validation = (training.get("validation") or {}).get("best") or {}
     if training.get("steps"):
         print(f"trained rank {training.get('rank')} for {training['steps']} steps ({training.get('stop_reason')}) in "
-              f"{training.get('total_seconds', 0):.0f} s; validation macro-F1 {validation.get('macro_f1', float('nan')):.3f}")
+              f"{training.get('wall_seconds', 0):.0f} s, {training.get('total_seconds', 0):.0f} s with data and sweep; "
+              f"validation macro-F1 {validation.get('macro_f1', float('nan')):.3f}")
     for name, finding in (training.get("findings") or {}).items():
         print(f"warning: {name}: {finding.get('message', finding)}")
     canary = run["canary"] or {}
     summary = f"run {run_id}: {state}"
-    if canary:
+    if canary and state not in ("cancelled", "failed"):
         summary += f", canary {canary['status']}"
     if run["error"]:
         summary += f"; {run['error']}"

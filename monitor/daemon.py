@@ -31,7 +31,7 @@ from monitor.metrics import RUN_STATES, MonitorMetrics
 from monitor.policy import TriggerPolicy
 from monitor.sampling import Observation, WindowSampler
 from monitor.store import Store
-from retrain.jobs import RUNNING_STATES, RetrainJob, cancel_run, recover_interrupted_runs
+from retrain.jobs import RUNNING_STATES, RetrainJob, cancel_run, recover_interrupted_runs, run_owner
 from retrain.registry import Registry
 from retrain.trainer import progress_reporter
 
@@ -312,6 +312,10 @@ class MonitorDaemon:
                     window = self.pending.popleft()
                 self._evaluate(window)
             self.metrics.pending_approvals.set(len(self.store.runs(states=["pending_approval"])))
+            # Runs started by `driftloop retrain` in a terminal show up here too.
+            latest = self.store.runs(limit=1)
+            if latest and not self.job_running() and latest[0]["state"] in RUN_STATES:
+                self.metrics.retrain_state.state(latest[0]["state"])
         except Exception:  # noqa: BLE001 - one failed check must not stop the schedule
             logger.exception("scheduled check failed")
 
@@ -394,7 +398,8 @@ class MonitorDaemon:
     def start_retrain(self, trigger: dict[str, Any], actor: str = "monitor") -> str:
         if self.job_running():
             raise DriftloopError("a retraining run is already in progress")
-        # A run started by `driftloop retrain` in another process counts too.
+        # A run started by `driftloop retrain` in another process counts too, unless that process died.
+        self._recover_runs()
         running = self.store.runs(states=RUNNING_STATES, limit=1)
         if running:
             raise DriftloopError(f"retrain run {running[0]['id']} is {running[0]['state']}; wait for it or cancel it")
@@ -402,8 +407,10 @@ class MonitorDaemon:
         if active is None:
             raise RegistryError("no active version to retrain from")
         run_id = new_run_id()
+        trigger = {**trigger, "owner": run_owner("daemon")}
         self.store.create_run(run_id, "queued", active.name, trigger)
-        self.store.audit(actor, "retrain_triggered", run_id=run_id, version=active.name, detail=trigger)
+        self.store.audit(actor, "retrain_triggered", run_id=run_id, version=active.name,
+                         detail={key: value for key, value in trigger.items() if key != "owner"})
         logger.info("retrain run %s triggered from version %s: %s", run_id, active.name, trigger.get("reason"))
         self.cancel_requested.clear()
         self._log_progress = progress_reporter(logger.info, f"retrain run {run_id}")

@@ -168,6 +168,9 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
     if small:
         logger.warning("%d classes have fewer than %d training examples and are kept: %s",
                        len(small), min_class_examples, ", ".join(f"{label}={count}" for label, count in list(small.items())[:10]))
+    if judged_removed:
+        logger.warning("%d production texts also occur in the canary holdout or the original test split; "
+                       "they judge the candidate and are not trained on", judged_removed)
     missing = [label for label in (labels or []) if label not in counts]
     return AssembledData(
         train=train,

@@ -24,13 +24,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from monitor.config import Config, resolve_model_path
-from monitor.errors import DriftloopError, NotFoundError
+from monitor.errors import DriftloopError, NotFoundError, TrainingError
 from monitor.store import Store
 from retrain.assembly import AssembledData, assemble_training_data, in_holdout
 from retrain.datasets import Dataset, Example
@@ -101,6 +102,12 @@ class RetrainJob:
             self._cancel_seen = (self.store.get_run(self.run_id) or {}).get("state") == "cancelling"
         return self._cancel_seen
 
+    def _check_cancel(self) -> None:
+        """Raise RunCancelled between the canary's parts when a cancel was requested."""
+        self._last_poll = 0.0
+        if self.should_stop():
+            raise RunCancelled(f"retrain run {self.run_id} was cancelled during evaluation")
+
     def _progress(self, phase: str) -> Callable[[dict], None] | None:
         if self.on_progress is None:
             return None
@@ -163,9 +170,13 @@ class RetrainJob:
 
     def _assemble(self) -> AssembledData:
         retrain = self.config.retrain
+        production = self.store.labelled_events(since=self.since)
+        if not production:
+            raise TrainingError(f"no labelled production events since version {self.base.name} became active; "
+                                "post labels to /v1/labels first")
         data = assemble_training_data(
             read_train_data(self.base.adapter_dir),
-            self.store.labelled_events(since=self.since),
+            production,
             replay_per_label=retrain.replay_per_label,
             holdout_fraction=retrain.holdout_fraction,
             seed=retrain.training.seed,
@@ -214,7 +225,10 @@ class RetrainJob:
             validation=data.validation, init_adapter=init_adapter,
             progress=self._progress("train"), should_stop=self.should_stop, deadline=deadline,
             lineage={"run_id": self.run_id, "base_version": self.base.name, "data": data.lineage(),
-                     "sweep": sweep_table},
+                     "assembly": {key: getattr(retrain, key) for key in
+                                  ("replay_per_label", "max_per_label", "holdout_fraction", "validation_fraction",
+                                   "min_class_examples", "warm_start")},
+                     "sweep_settings": retrain.sweep.model_dump(), "sweep": sweep_table},
             write_extras=write_data,
         )
         return {
@@ -256,8 +270,10 @@ class RetrainJob:
         if data.holdout:
             texts, labels = zip(*data.holdout)
             production_slice = compare_on_slice("production_holdout", list(texts), list(labels), current, candidate)
+        self._check_cancel()
         test_texts, test_labels = zip(*self.dataset.test)
         test_slice = compare_on_slice("original_test", list(test_texts), list(test_labels), current, candidate)
+        self._check_cancel()
         shadow_texts = self.store.recent_texts(self.config.canary.shadow_sample)
         shadow = shadow_compare(shadow_texts, current, candidate) if shadow_texts else None
         gates = CanaryGates(
@@ -322,6 +338,9 @@ def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", stat
         raise NotFoundError(f"retrain run {run_id!r} not found")
     if run["state"] == "cancelling":
         return run
+    if run["state"] not in CANCELLABLE_STATES:
+        raise DriftloopError(f"retrain run {run_id} is {run['state']}; only {', '.join(CANCELLABLE_STATES)} runs "
+                             "can be cancelled")
     if run["state"] in ("pending_approval", "approved"):
         run = _decide(store, run_id, ("pending_approval", "approved"), "cancelled", actor=actor,
                       action="run_cancelled", comment=comment, verb="cancelled")
@@ -332,24 +351,50 @@ def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", stat
                    action="cancel_requested", comment=comment, verb="cancelled")
 
 
+def run_owner(process: str) -> dict:
+    """Describe the process that works on a run, for the run's trigger record."""
+    return {"process": process, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _owner_alive(owner: dict | None) -> bool:
+    """True when ``owner`` is a live process on this host.
+
+    NOTE: a reused process id makes a dead owner look alive until that process ends.
+    """
+    if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def recover_interrupted_runs(store: Store, state_dir: Path) -> list[dict]:
-    """Close the runs a dead process left open, and remove their half-written output.
+    """Close the open runs whose process has died, and remove their half-written output.
 
-    Called when the daemon starts. A cancelling run becomes ``cancelled``; any other
-    interrupted run becomes ``failed`` with the state it died in. Returns the runs changed.
-
-    NOTE: a `driftloop retrain` still running in another process is closed too; the runs
-    table does not record which process owns a run.
+    The daemon calls it when it starts, and before a new run starts. A run whose owner
+    (``trigger.owner``: process, pid and host) still lives on this host is left alone,
+    such as a `driftloop retrain` in a terminal. A cancelling run becomes ``cancelled``; any
+    other interrupted run becomes ``failed`` with the state it died in. Returns the runs changed.
     """
     from retrain.trainer import clean_temporary_siblings
 
     changed = []
     for run in store.runs(states=INTERRUPTED_STATES, limit=1000):
+        owner = (run["trigger"] or {}).get("owner")
+        if _owner_alive(owner):
+            continue
         state = "cancelled" if run["state"] == "cancelling" else "failed"
-        error = f"daemon restarted while the run was {run['state']}"
+        if owner and owner.get("process") != "daemon":
+            error = f"its process ({owner.get('process')}, pid {owner.get('pid')}) ended while the run was {run['state']}"
+        else:
+            error = f"daemon restarted while the run was {run['state']}"
         if store.transition_run(run["id"], (run["state"],), state, actor="daemon", action=f"run_{state}",
-                                detail={"reason": "restart", "was": run["state"]}, error=error):
-            logger.warning("retrain run %s was %s when the daemon stopped; marked %s", run["id"], run["state"], state)
+                                detail={"reason": error, "was": run["state"]}, error=error):
+            logger.warning("retrain run %s: %s; marked %s", run["id"], error, state)
             changed.append(store.get_run(run["id"]))
             work_dir = Path(state_dir) / "runs" / run["id"]
             if run["state"] != "promoting":

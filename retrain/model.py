@@ -144,6 +144,9 @@ def load_base_classifier(base_model: str, labels: list[str]):
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
+    if looks_like_path and not Path(base_model).expanduser().exists():
+        raise OSError(f"the folder {base_model} does not exist; model.base takes 'minilm', a Hugging Face id or a local folder")
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -6,9 +6,9 @@ is its score. ``alpha`` scales with the rank, so every rank keeps the
 configured alpha/rank ratio. The highest
 score wins. A candidate within ``tie_tolerance`` of the best counts as a tie,
 and a tie goes to the smaller rank. A warm start from the current adapter
-joins as one more candidate at that adapter's rank. A candidate that fails,
-say a rank that does not fit the model, is recorded with its error and
-skipped. The sweep fails only when every candidate does.
+joins as one more candidate at that adapter's rank. A rank that does not fit
+the model is recorded with its error and skipped, and the sweep fails only
+when every candidate does. Any other error ends the sweep at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from monitor.errors import TrainingError
-from retrain.trainer import TrainingCancelled, TrainSettings, fit
+from retrain.trainer import RankDoesNotFit, TrainSettings, fit
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ def sweep_ranks(
                           progress=(lambda report, phase=phase: progress({**report, "phase": phase})) if progress else None,
                           should_stop=should_stop, deadline=deadline,
                           run_name=f"{run_name} rank {rank} ({start})")
-        except TrainingCancelled:
-            raise
-        except TrainingError as error:
+        except RankDoesNotFit as error:
             row.error = str(error)
             logger.warning("%s: rank %d (%s) failed: %s", run_name, rank, start, error)
             continue

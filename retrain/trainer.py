@@ -62,6 +62,10 @@ EARLY_STOPPING_MIN_DELTA = 1e-4
 EVAL_BATCH_SIZE = 64
 
 
+class RankDoesNotFit(TrainingError):
+    """The LoRA rank exceeds the width of a target layer; the sweep skips such a rank."""
+
+
 class TrainingCancelled(TrainingError):
     """Training stopped because ``should_stop()`` returned True; nothing was written."""
 
@@ -321,7 +325,7 @@ def resolve_target_modules(model: torch.nn.Module, settings: TrainSettings) -> l
         weight = module.weight
         width = min(weight.shape)
         if settings.rank > width:
-            raise TrainingError(
+            raise RankDoesNotFit(
                 f"rank {settings.rank} does not fit the model: target layer {name!r} has weight shape "
                 f"{tuple(weight.shape)}, so rank must be at most {width}"
             )
@@ -372,9 +376,14 @@ def _build_model(base_model: str, labels: list[str], settings: TrainSettings, in
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise TrainingError(f"init_adapter {init_adapter} could not be loaded: {error}") from error
         adapter_config = model.peft_config["default"]
-        if adapter_config.r != settings.rank:
-            logger.warning("init_adapter %s has rank %d; it overrides the configured rank %d",
-                           init_adapter, adapter_config.r, settings.rank)
+        configured = settings.target_modules
+        if adapter_config.r != settings.rank or (configured is not None and set(configured) != set(adapter_config.target_modules)):
+            logger.warning(
+                "warm start from %s keeps its rank %d and target_modules %s; the configured rank %d and "
+                "target_modules %s do not apply (turn warm_start off to use them)",
+                init_adapter, adapter_config.r, sorted(adapter_config.target_modules), settings.rank,
+                list(configured) if configured is not None else "(architecture default)",
+            )
         return tokenizer, model, sorted(adapter_config.target_modules), adapter_config.r
 
     targets = resolve_target_modules(model, settings)

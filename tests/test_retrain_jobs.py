@@ -168,7 +168,8 @@ def test_cli_cancel_of_a_pending_run_and_its_errors(daemon, deployment, capsys):
     assert not candidate.exists()
 
     assert main(["cancel", run["id"], "--config", str(path)]) == 2
-    assert f"retrain run {run['id']} is cancelled, only queued or training or evaluating runs" in capsys.readouterr().err
+    assert (f"retrain run {run['id']} is cancelled; only queued, training, evaluating, pending_approval, approved runs "
+            "can be cancelled") in capsys.readouterr().err
     assert main(["cancel", "r-missing", "--config", str(path)]) == 2
     assert "retrain run 'r-missing' not found" in capsys.readouterr().err
     with pytest.raises(Exception, match="is cancelled, only pending_approval runs can be approved"):
@@ -291,7 +292,7 @@ def test_killed_mid_training_then_restarted(deployment):
         assert restarted.ready, restarted.startup_error
         run = restarted.store.get_run(run["id"])
         assert (run["state"], run["job"]) == ("failed", "failed")
-        assert "daemon restarted while the run was training" in run["error"]
+        assert f"its process (driftloop retrain, pid {process.pid}) ended while the run was training" in run["error"]
         assert not work_dir.exists()
         assert restarted.registry.active() == active
         assert digest(active.adapter_dir) == before
@@ -351,3 +352,41 @@ def test_the_run_trains_on_the_configured_thread_cap(daemon, deployment):
     assert job.run() == "pending_approval"
     assert seen == {1}
     assert torch.get_num_threads() == before
+
+
+def test_a_run_of_a_live_process_survives_a_daemon_start_and_is_closed_once_it_dies(deployment):
+    from retrain.jobs import run_owner
+
+    raw, _ = deployment
+    config = parse_config(raw)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    daemon = MonitorDaemon(config)
+    try:
+        owner = {**run_owner("driftloop retrain"), "pid": sleeper.pid}
+        daemon.store.create_run("r-terminal", "training", "v1", {"owner": owner})
+        daemon.start(background=False)
+        assert daemon.store.get_run("r-terminal")["state"] == "training"
+        with pytest.raises(Exception, match="r-terminal is training"):
+            daemon.start_retrain({"reason": "test"})
+
+        os.kill(sleeper.pid, signal.SIGKILL)
+        sleeper.wait(timeout=30)
+        post_labelled_events(daemon, 20)
+        run_id = daemon.start_retrain({"reason": "test"})
+        run = daemon.store.get_run("r-terminal")
+        assert run["state"] == "failed"
+        assert run["error"] == f"its process (driftloop retrain, pid {sleeper.pid}) ended while the run was training"
+        daemon.cancel_retrain(run_id, actor="test")
+        daemon.job_thread.join(timeout=60)
+    finally:
+        if sleeper.poll() is None:
+            os.kill(sleeper.pid, signal.SIGKILL)
+            sleeper.wait(timeout=30)
+        daemon.stop()
+
+
+def test_a_retrain_without_new_labels_is_refused(deployment, capsys):
+    raw, path = deployment
+    assert main(["retrain", "--config", str(path), "--no-progress"]) == 2
+    assert "no labelled production events since version v1 became active" in capsys.readouterr().err
+    assert MonitorDaemon(parse_config(raw)).store.runs() == []
