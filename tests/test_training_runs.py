@@ -55,8 +55,8 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 def test_validation_metrics_and_lineage_record(tiny_model_dir, tmp_path):
     validation = toy_examples(per_label=4, seed=7)
-    result = train_adapter(str(tiny_model_dir), TOY_LABELS, toy_examples(), tmp_path / "v1", FAST,
-                           validation=validation, lineage={"run_id": "r-test"})
+    result = train_adapter(str(tiny_model_dir), TOY_LABELS, toy_examples(), tmp_path / "v1",
+                           FAST.replace(epochs=12, early_stopping_patience=20), validation=validation, lineage={"run_id": "r-test"})
 
     record = yaml.safe_load((tmp_path / "v1" / "training.yaml").read_text())
     assert record["run_id"] == "r-test"
@@ -65,7 +65,7 @@ def test_validation_metrics_and_lineage_record(tiny_model_dir, tmp_path):
     assert record["schedule"]["optimizer"] == "AdamW"
     assert record["schedule"]["warmup_steps"] == int(0.1 * record["schedule"]["total_steps"])
     assert record["n_validation"] == 12 and len(record["validation_sha256"]) == 64
-    assert [epoch["epoch"] for epoch in record["epochs"]] == [1, 2, 3, 4]
+    assert [epoch["epoch"] for epoch in record["epochs"]] == list(range(1, 13))
     assert all({"train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(epoch) for epoch in record["epochs"])
     assert record["validation"]["best"]["loss"] < record["validation"]["before_training"]["loss"]
     assert record["validation"]["best"]["macro_f1"] > 0.5
@@ -246,3 +246,13 @@ def test_sweep_records_every_rank_and_survives_a_rank_that_does_not_fit(tiny_mod
     assert all(row["steps"] == 10 for row in table if row["error"] is None)
     assert sum(row["chosen"] for row in table) == 1
     assert settings_for_rank(FAST, 32).alpha == 64
+
+
+def test_the_pooler_trains_with_the_head_and_survives_reload(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    train_adapter(str(tiny_model_dir), TOY_LABELS, toy_examples(), tmp_path / "v1", FAST.replace(epochs=1))
+    with safe_open(str(tmp_path / "v1" / "adapter_model.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())
+    assert any("pooler" in name for name in names)
+    assert any("classifier" in name for name in names)
