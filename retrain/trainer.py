@@ -662,10 +662,10 @@ def fit(
         model.to(device)
         label_index = {label: index for index, label in enumerate(labels)}
         watch = TrainingWatch(len(labels), settings.learning_rate, targets, run=run_name)
-        held = None
+        encoded_validation = None
         if validation:
-            held = ([text for text, _ in validation], [label_index[label] for _, label in validation])
-        loop = _train(model, tokenizer, [label_index[label] for _, label in train], [text for text, _ in train], held,
+            encoded_validation = ([text for text, _ in validation], [label_index[label] for _, label in validation])
+        loop = _train(model, tokenizer, [label_index[label] for _, label in train], [text for text, _ in train], encoded_validation,
                       settings, device, precision, watch, progress, should_stop, deadline)
     finally:
         torch.set_num_threads(previous_threads)
