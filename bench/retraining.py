@@ -260,19 +260,19 @@ def render(args, size: RunSize, split: dict, probe: dict, lora: dict, elapsed_s:
         lines.append(f"| {row['C']:g}{mark} | {row['val_macro_f1']:.4f} | {row['iterations']} |")
 
     threads = f"{settings.num_threads}" + (" (set by --threads)" if args.threads else
-                                            ", as a retrain job sets it: all cores but one")
+                                            ", as a retrain job sets it (all cores but one)")
     lines += [
         "",
         "### LoRA rank sweep",
         "",
         f"`retrain.sweep.sweep_ranks` over ranks {lora['ranks']}, {lora['budget']} optimiser steps each, tie "
-        f"tolerance {lora['tie_tolerance']:g}. The settings are those a retrain job builds from the built-in "
-        "defaults (`settings_from_config(config.retrain.training, config.model, num_threads=training_threads())`): "
+        f"tolerance {lora['tie_tolerance']:g}. A retrain job builds the settings from the built-in defaults with "
+        "`settings_from_config(config.retrain.training, config.model, num_threads=training_threads())`. They are "
         f"learning rate {settings.learning_rate:g}, batch {settings.batch_size}, "
         f"max_length {settings.max_length}, alpha/rank {settings.alpha / settings.rank:g}, dropout {settings.dropout:g}, "
-        f"warmup ratio {settings.warmup_ratio:g}, device {settings.device} (the CPU here), precision "
-        f"{settings.precision} (fp32 on the CPU), torch threads: {threads}. The probe's embedding and the test scoring ran on the "
-        "same thread count. Validation figures are at each run's lowest validation loss. "
+        f"warmup ratio {settings.warmup_ratio:g}, device {settings.device} (the CPU here) and precision "
+        f"{settings.precision} (fp32 on the CPU). Torch threads: {threads}. The probe's embedding and the test "
+        "scoring ran on the same thread count. Validation figures are at each run's lowest validation loss. "
         "Wall seconds include loading the base model and the two validation passes of each run.",
         "",
         "| rank | validation macro-F1 | validation accuracy | validation loss | steps | wall s | chosen |",

@@ -88,8 +88,10 @@ class Plan:
     texts: list[str] = field(repr=False)
     label_ids: list[int] = field(repr=False)
     labels: list[str] = field(repr=False)
-    # The LoraConfig of the model driftloop's fit built, set by the first run_driftloop call.
+    # The LoraConfig of the model driftloop's fit built, and the names of its modules_to_save that the
+    # model has, both set by the first run_driftloop call.
     lora_config: object = field(default=None, repr=False)
+    saved_modules: list[str] = field(default_factory=list)
 
 
 def training_settings(total_steps: int, threads: int):
@@ -133,6 +135,8 @@ def run_driftloop(plan: Plan, base_model: str, total_steps: int, threads: int) -
                   should_stop=should_stop, run_name="overhead driftloop")
     if plan.lora_config is None:
         plan.lora_config = copy.deepcopy(outcome.model.peft_config["default"])
+        names = {name.rsplit(".", 1)[-1] for name, _ in outcome.model.named_modules()}
+        plan.saved_modules = sorted(name for name in plan.lora_config.modules_to_save or [] if name in names)
     steps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     return Repetition("driftloop", threads, steps[WARMUP_STEPS:], first_loss[0], load.read().other_cores)
 
@@ -242,7 +246,8 @@ def render(args, plan: Plan, results: dict[int, list[Repetition]], retried: dict
            load_note: str) -> str:
     cores = len(os.sched_getaffinity(0))
     summaries = {threads: summarise(repetitions) for threads, repetitions in results.items()}
-    modules = " and ".join(f"`{name}`" for name in sorted(plan.lora_config.modules_to_save or [])) or "no module"
+    modules = ", ".join(f"`{name}`" for name in sorted(plan.lora_config.modules_to_save or [])) or "none"
+    present = " and ".join(f"`{name}`" for name in plan.saved_modules) or "none"
     command = ("DRIFTLOOP_DATA=/path/to/data HF_HUB_OFFLINE=1 .venv/bin/python bench/train_overhead.py "
                + " ".join(args.argv))
     lines = [
@@ -253,8 +258,9 @@ def render(args, plan: Plan, results: dict[int, list[Repetition]], retried: dict
         machine_facts(),
         f"- Other load: {load_note}.",
         f"- Setup: bundled all-MiniLM-L6-v2 with a {len(plan.labels)}-label head, LoRA rank 8, alpha 16, dropout 0.05 "
-        f"on `query` and `value`, with {modules} trained in full. The bare loop builds its model with a copy of "
-        "the `LoraConfig` of the model `fit` built. AdamW at learning rate "
+        f"on `query` and `value`. The config's `modules_to_save`, trained in full, are {modules}, of which the "
+        f"model has {present}. The bare loop builds its model with a copy of the `LoraConfig` of the model `fit` "
+        "built. AdamW at learning rate "
         f"{training_settings(1, 1).learning_rate:g}, batch "
         f"{BATCH_SIZE}, max_length {MAX_LENGTH}, fp32, no validation set. For each torch thread count, "
         f"{plan.repetitions} repetitions per side of {WARMUP_STEPS} uncounted and {plan.steps} counted steps, "
