@@ -398,8 +398,8 @@ class Store:
 def job_status(state: str) -> str:
     """Map a run state to the job's coarse status: queued, running, succeeded, failed or cancelled.
 
-    A run whose training and canary finished has succeeded as a job, whatever the approval decides;
-    a run cancelled at any point, even while it waited for approval, is cancelled.
+    A run whose training and canary finished has succeeded as a job, whatever the approval decides.
+    A run cancelled at any point, even while it waited for approval, is cancelled.
     """
     if state == "queued":
         return "queued"

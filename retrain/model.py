@@ -139,8 +139,8 @@ def load_base_classifier(base_model: str, labels: list[str]):
 
     A tokenizer without a pad token pads with its end-of-sequence token, and the model's
     ``pad_token_id`` follows, because decoder classifiers find each text's last token by it.
-    Raises OSError when the model cannot be found or read and ValueError when the tokenizer
-    has neither token; callers wrap both in the error type of their context.
+    Raises OSError when the model cannot be found or read, and ValueError when the tokenizer
+    has neither token. Callers wrap both in the error type of their context.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -1,8 +1,8 @@
 """Choose the LoRA rank by a short training run per candidate, scored on the validation holdout.
 
 Every candidate trains with the same seed, data and budget (``budget_steps``
-optimiser steps), and its validation macro-F1 at its lowest validation loss
-is its score. ``alpha`` scales with the rank, so every rank keeps the
+optimiser steps), and its validation macro-F1 at the end of that budget is
+its score, so no candidate is scored on its untrained weights. ``alpha`` scales with the rank, so every rank keeps the
 configured alpha/rank ratio. The highest
 score wins. A candidate within ``tie_tolerance`` of the best counts as a tie,
 and a tie goes to the smaller rank. A warm start from the current adapter
@@ -124,8 +124,8 @@ def sweep_ranks(
             continue
         finally:
             row.wall_seconds = time.monotonic() - began
-        best = outcome.best
-        row.val_macro_f1, row.val_accuracy, row.val_loss = best.macro_f1, best.accuracy, best.loss
+        last = outcome.epochs[-1]
+        row.val_macro_f1, row.val_accuracy, row.val_loss = last["val_macro_f1"], last["val_accuracy"], last["val_loss"]
         row.steps = outcome.steps
         del outcome
         logger.info("%s: rank %d (%s): validation macro-F1 %.4f, loss %.4f after %d steps",

@@ -45,13 +45,13 @@ def test_replay_and_cap_per_label():
     events = production(200, label="oos")
     data = assemble_training_data(base_examples(), events, replay_per_label=4, holdout_fraction=0.2, seed=0, max_per_label=25)
     assert data.replay == 12
-    kept = Counter(label for _, label in data.train + data.validation)
-    assert kept["oos"] == 25
+    counts = Counter(label for _, label in data.train + data.validation)
+    assert counts["oos"] == 25
     assert data.capped > 0
-    assert all(count <= 25 for count in kept.values())
+    assert all(count <= 25 for count in counts.values())
 
 
-def test_validation_split_is_stable_and_never_takes_a_whole_class():
+def test_validation_split_keeps_every_class():
     examples = [(f"text {i} of {label}", label) for label in ("a", "b", "c") for i in range(40)]
     examples += [("lonely", "d"), ("pair one", "e"), ("pair two", "e")]
     train, validation = split_validation(examples, 0.1)

@@ -86,6 +86,38 @@ def wait_for(predicate, timeout=60.0, interval=0.05):
     raise AssertionError("condition not reached in time")
 
 
+def prepare_long_run(raw: dict) -> tuple[Path, object]:
+    """Write a config whose retrain trains until stopped, and post labelled events for it."""
+    long_run = merge(raw, LONG_RUN)
+    path = Path(raw["state_dir"]).parent / "long.yaml"
+    path.write_text(yaml.safe_dump(long_run))
+    config = parse_config(long_run)
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    post_labelled_events(daemon, 60)
+    daemon.stop()
+    return path, config
+
+
+def start_terminal_retrain(path: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Start `driftloop retrain` in a child process and return once it logs a training step."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPOSITORY)}
+    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "retrain", "--config", str(path), "--no-progress"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if ": step " in line:
+            break
+    return process, lines
+
+
+def kill_if_running(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 def test_run_records_sweep_lineage_and_job_states(daemon):
     run_id = daemon.start_retrain({"reason": "test"}, actor="test")
     daemon.job_thread.join(timeout=300)
@@ -97,13 +129,16 @@ def test_run_records_sweep_lineage_and_job_states(daemon):
     assert [(row["rank"], row["start"]) for row in sweep] == [(4, "scratch"), (8, "scratch"), (16, "scratch"),
                                                              (32, "scratch"), (8, "warm")]
     chosen = [row for row in sweep if row["chosen"]]
-    assert len(chosen) == 1 and run["training"]["rank"] == chosen[0]["rank"]
+    assert len(chosen) == 1
+    assert run["training"]["rank"] == chosen[0]["rank"]
 
     record = yaml.safe_load((Path(run["candidate_dir"]) / "training.yaml").read_text())
-    assert record["run_id"] == run_id and record["base_version"] == "v1"
+    assert record["run_id"] == run_id
+    assert record["base_version"] == "v1"
     assert record["sweep"] == sweep
     assert record["data"]["sha256"]["train"] == record["data_sha256"]
-    assert record["data"]["train"] == record["n_train"] and record["data"]["validation"] == record["n_validation"]
+    assert record["data"]["train"] == record["n_train"]
+    assert record["data"]["validation"] == record["n_validation"]
     assert sum(record["data"]["class_counts"].values()) == record["n_train"]
     assert {"reference.jsonl", "validation.jsonl", "train.jsonl"} <= {path.name for path in Path(run["candidate_dir"]).iterdir()}
 
@@ -147,14 +182,15 @@ def test_http_cancel_stops_a_running_job(deployment, monkeypatch):
         assert (cancel["actor"], cancel["detail"]["comment"]) == ("dana", "wrong data")
         assert entries[-1]["action"] == "run_cancelled"
         again = client.post(f"/v1/retrains/{run_id}/cancel", headers={"Authorization": "Bearer s3cret"})
-        assert again.status_code == 409 and "is cancelled" in again.json()["error"]
+        assert again.status_code == 409
+        assert "is cancelled" in again.json()["error"]
         # The daemon goes on: a new run can start, and events are still accepted.
         post_labelled_events(daemon, 5, offset=500)
     finally:
         daemon.stop()
 
 
-def test_cli_cancel_of_a_pending_run_and_its_errors(daemon, deployment, capsys):
+def test_cli_cancel_pending_and_errors(daemon, deployment, capsys):
     _, path = deployment
     config = parse_config(merge(deployment[0], {"retrain": {"sweep": {"enabled": False}}}))
     run = run_job(daemon, config)
@@ -203,13 +239,13 @@ def missing_base_model(daemon, raw):
 
 def tokenizer_without_pad_and_eos(daemon, raw):
     model = Path(raw["model"]["base"])
-    kept = model.with_name("kept")
-    model.rename(kept)
-    save_tokenizer_variant(kept, model, pad=False, eos=None)
+    original = model.with_name("original")
+    model.rename(original)
+    save_tokenizer_variant(original, model, pad=False, eos=None)
 
     def restore():
         shutil.rmtree(model)
-        kept.rename(model)
+        original.rename(model)
 
     return parse_config(raw), restore
 
@@ -232,7 +268,7 @@ def unknown_label(daemon, raw):
     (rank_too_large, "rank 64 does not fit the model"),
     (unknown_label, "first unknown label: 'not-a-label'"),
 ])
-def test_bad_input_fails_the_run_and_spares_the_daemon(daemon, deployment, breaker, expected):
+def test_bad_input_fails_run_only(daemon, deployment, breaker, expected):
     raw, _ = deployment
     active = daemon.registry.active()
     before = digest(active.adapter_dir)
@@ -252,34 +288,20 @@ def test_bad_input_fails_the_run_and_spares_the_daemon(daemon, deployment, break
 
 def test_killed_mid_training_then_restarted(deployment):
     raw, _ = deployment
-    long_run = merge(raw, LONG_RUN)
-    path = Path(raw["state_dir"]).parent / "long.yaml"
-    path.write_text(yaml.safe_dump(long_run))
-    config = parse_config(long_run)
-    first = MonitorDaemon(config)
-    first.start(background=False)
-    post_labelled_events(first, 60)
-    active = first.registry.active()
+    path, config = prepare_long_run(raw)
+    registry_view = MonitorDaemon(config)
+    active = registry_view.registry.active()
     before = digest(active.adapter_dir)
-    first.stop()
+    registry_view.store.close()
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPOSITORY)}
-    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "retrain", "--config", str(path), "--no-progress"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, lines = start_terminal_retrain(path)
     try:
-        lines = []
-        # Wait until the child logs a training step, then kill it without warning.
-        for line in process.stdout:
-            lines.append(line)
-            if ": step " in line:
-                break
         assert process.poll() is None, "".join(lines)
+        # Kill the child without warning while it trains.
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        kill_if_running(process)
 
     restarted = MonitorDaemon(config)
     [run] = restarted.store.runs(limit=1)
@@ -307,28 +329,13 @@ def test_killed_mid_training_then_restarted(deployment):
 
 def test_ctrl_c_cancels_a_terminal_retrain(deployment):
     raw, _ = deployment
-    path = Path(raw["state_dir"]).parent / "long.yaml"
-    path.write_text(yaml.safe_dump(merge(raw, LONG_RUN)))
-    daemon = MonitorDaemon(parse_config(raw))
-    daemon.start(background=False)
-    post_labelled_events(daemon, 60)
-    daemon.stop()
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPOSITORY)}
-    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "retrain", "--config", str(path), "--no-progress"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    path, _ = prepare_long_run(raw)
+    process, lines = start_terminal_retrain(path)
     try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if ": step " in line:
-                break
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        kill_if_running(process)
     output = "".join(lines) + output
     assert process.returncode == 1, output
     assert ": cancelled" in output
@@ -338,7 +345,7 @@ def test_ctrl_c_cancels_a_terminal_retrain(deployment):
     assert run["error"] == "cancelled: interrupted in the terminal"
 
 
-def test_the_run_trains_on_the_configured_thread_cap(daemon, deployment):
+def test_run_thread_cap(daemon, deployment):
     import torch
 
     config = parse_config(merge(deployment[0], {"retrain": {"sweep": {"enabled": False}, "training": {"num_threads": 1}}}))
@@ -354,7 +361,7 @@ def test_the_run_trains_on_the_configured_thread_cap(daemon, deployment):
     assert torch.get_num_threads() == before
 
 
-def test_a_run_of_a_live_process_survives_a_daemon_start_and_is_closed_once_it_dies(deployment):
+def test_recovery_spares_live_owner(deployment):
     from retrain.jobs import run_owner
 
     raw, _ = deployment
@@ -385,7 +392,7 @@ def test_a_run_of_a_live_process_survives_a_daemon_start_and_is_closed_once_it_d
         daemon.stop()
 
 
-def test_a_retrain_without_new_labels_is_refused(deployment, capsys):
+def test_retrain_without_labels_rejected(deployment, capsys):
     raw, path = deployment
     assert main(["retrain", "--config", str(path), "--no-progress"]) == 2
     assert "no labelled production events since version v1 became active" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_output_files_and_training_record(tiny_model_dir, tmp_path):
 
     record = yaml.safe_load((result.adapter_dir / "training.yaml").read_text())
     assert record["base_model"] == str(tiny_model_dir)
-    # The record holds the effective settings: PEFT's default target modules for BERT.
+    # The record contains the effective settings: PEFT's default target modules for BERT.
     assert record["settings"] == {**settings.to_dict(), "target_modules": ["query", "value"]}
     assert record["device"] == "cpu"
     assert record["precision"] == "fp32"
