@@ -10,13 +10,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.config import AuthConfig
 from monitor.daemon import MonitorDaemon
 from monitor.errors import DriftloopError, NotFoundError
 from monitor.ingest import BatchError
+from monitor.webui import approval_page
 from retrain.jobs import approve_run, reject_run
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,15 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             return {"status": "ready", "active_version": daemon.active_name}
         return JSONResponse({"status": "starting" if daemon.startup_error is None else "failed",
                              "error": daemon.startup_error}, status_code=503)
+
+    @app.get("/ui", include_in_schema=False)
+    def ui():
+        return approval_page()
+
+    @app.get("/ui/", include_in_schema=False)
+    def ui_with_slash():
+        # Relative, so a proxy's path prefix survives; the page fetches the API by relative paths.
+        return RedirectResponse("../ui", status_code=308)
 
     @app.get("/metrics")
     def metrics():
@@ -142,8 +152,8 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         return found
 
     @app.get("/v1/audit")
-    def audit(since: int = 0, limit: int = 200):
-        return {"entries": daemon.store.audit_log(since_id=since, limit=min(max(limit, 1), 1000))}
+    def audit(since: int = 0, limit: int = 200, run_id: str | None = None):
+        return {"entries": daemon.store.audit_log(since_id=since, limit=min(max(limit, 1), 1000), run_id=run_id)}
 
     @app.get("/v1/versions")
     def versions():

@@ -101,6 +101,7 @@ def _http_server(app):
 def cmd_run(args) -> int:
     from monitor.api import create_app
     from monitor.daemon import MonitorDaemon, lock_state_dir
+    from retrain.notify import monitor_url
 
     config = _config(args)
     # The lock and the port come first: a second daemon by mistake must not touch the runs.
@@ -108,6 +109,7 @@ def cmd_run(args) -> int:
     try:
         sock = _listen(args.host or config.monitor.host, args.port or config.monitor.port, "monitor.port")
         daemon = MonitorDaemon(config)
+        daemon.notifier.listen_url = monitor_url(*sock.getsockname()[:2])
         server = _http_server(create_app(daemon))
 
         def stop_server() -> None:
@@ -281,6 +283,8 @@ def cmd_retrain(args) -> int:
     summary = f"run {run_id}: {state}"
     if canary and state not in ("cancelled", "failed"):
         summary += f", canary {canary['status']}"
+        if canary.get("deciding_gate"):
+            summary += f" at gate {canary['deciding_gate']}"
     if run["error"]:
         summary += f"; {run['error']}"
     print(summary)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from monitor.errors import ConfigError
 
@@ -261,10 +262,36 @@ class RetrainConfig(_Section):
 
 
 class CanaryConfig(_Section):
-    min_production_samples: int = Field(30, ge=1)
+    recheck_new_samples: int = Field(25, ge=1, description="New held-out production events, labelled since the last canary, that make a waiting inconclusive run be evaluated again.")
+    min_production_samples: int = Field(30, ge=1, description="Held-out production events needed to evaluate the production gates; fewer makes the canary inconclusive.")
     min_production_gain: float = Field(0.0, ge=-1.0, le=1.0, description="Candidate minus current accuracy on held-out production events must exceed this.")
-    max_test_regression: float = Field(0.01, ge=0.0, le=1.0, description="Current minus candidate accuracy on the original test split may be at most this.")
+    production_alpha: float = Field(0.05, gt=0.0, le=1.0, description="The two-sided McNemar mid-p value on held-out production events must be below this.")
+    min_test_samples: int = Field(100, ge=2, description="Original test items needed to evaluate the test gates; fewer makes the canary inconclusive.")
+    noninferiority_margin: float = Field(0.005, ge=0.0, le=1.0, description="Accuracy on the original test split (0.005 = 0.5 points): the lower bound of the paired bootstrap 95% interval of candidate minus current accuracy must be at least minus this.")
+    class_min_support: int = Field(5, ge=1, description="Test items a class needs before its F1 change counts as a regression.")
+    class_regression_margin: float = Field(0.1, ge=0.0, le=1.0, description="F1 drop (current minus candidate) on the test split above which a class has regressed.")
+    max_regressed_classes: int = Field(0, ge=0, description="Regressed test classes allowed before the canary fails.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples behind each interval.")
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
     shadow_sample: int = Field(300, ge=0, description="Recent live inputs scored by both adapters in shadow.")
+    latency_samples: int = Field(100, ge=0, description="Shadow or held-out texts timed one at a time on each adapter; reported, not gated; 0 skips the timing.")
+
+
+class PostPromotionConfig(_Section):
+    enabled: bool = Field(True, description="Watch each promoted version on live traffic and roll it back when it is worse than the version it replaced.")
+    events: int = Field(1000, ge=1, description="Events of the new version watched before the watch passes and ends.")
+    min_events: int = Field(200, ge=1, description="Events of the new version needed before the first judgement.")
+    baseline_windows: int = Field(3, ge=1, description="Last windows of the previous version that form the baseline.")
+    max_confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest allowed fall of mean confidence below the baseline.")
+    max_estimate_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest allowed fall of the label-free accuracy estimate below the baseline.")
+    max_accuracy_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest allowed fall of realized accuracy below the baseline.")
+    min_labelled: int = Field(50, ge=1, description="Labelled events of the new version needed before realized accuracy is judged.")
+
+    @model_validator(mode="after")
+    def _min_within_events(self):
+        if self.min_events > self.events:
+            raise ValueError(f"min_events ({self.min_events}) must be at most events ({self.events})")
+        return self
 
 
 class ServerConfig(_Section):
@@ -291,11 +318,149 @@ class AuthConfig(_Section):
     token_file: str | None = Field(None, description="File holding the token; used when the environment variable is unset.")
 
 
+def check_http_url(value: str, example: str) -> str:
+    """Return ``value`` if it is an http:// or https:// URL with a host, else raise ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, such as {example}")
+    return value
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_token_env(value: str | None) -> str | None:
+    """Return ``value`` if it is null or an environment variable name, else raise ValueError."""
+    if value is not None and not ENV_NAME.fullmatch(value):
+        raise ValueError("must name an environment variable that holds the token (letters, digits and _), "
+                         "such as DRIFTLOOP_SLACK_TOKEN; never put the token itself in the config")
+    return value
+
+
+class ApprovalWebhookConfig(_Section):
+    name: str = Field(min_length=1, description="Name of the target in logs, metrics and the audit log.")
+    url: str = Field(description="Full URL the notification is POSTed to, such as a Slack incoming webhook or "
+                                 "http://alertmanager:9093/api/v2/alerts.")
+    format: Literal["slack", "alertmanager", "json"] = Field(
+        "json", description="slack: incoming-webhook text and blocks; alertmanager: an alert list for "
+                            "POST /api/v2/alerts; json: the plain run summary.")
+    token_env: str | None = Field(None, description="Environment variable holding a bearer token; null sends none.")
+    runbook_url: str | None = Field(None, description="alertmanager: the runbook_url annotation; null leaves it out.")
+
+    _url = field_validator("url")(lambda value: check_http_url(value, "http://127.0.0.1:9093/api/v2/alerts"))
+    _token_env = field_validator("token_env")(check_token_env)
+
+    @field_validator("runbook_url")
+    @classmethod
+    def _runbook_for_alertmanager(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("format") != "alertmanager":
+            raise ValueError(f"only alertmanager targets take a runbook_url, and {info.data.get('name')!r} "
+                             f"has format {info.data.get('format')!r}")
+        return value
+
+
+class VersionHookConfig(_Section):
+    name: str = Field(min_length=1, description="Name of the hook in logs, metrics and the audit log.")
+    type: Literal["vllm", "webhook", "command"] = Field(
+        description="vllm: load the version through vLLM's dynamic LoRA API; webhook: POST a JSON body; "
+                    "command: run a program.")
+    url: str | None = Field(None, validate_default=True,
+                            description="vllm: the server's base URL (http://host:8000); webhook: the full URL.")
+    command: list[str] | None = Field(None, validate_default=True,
+                                      description="command: program and arguments, run without a shell.")
+    unload_previous: bool = Field(False, description="vllm: unload the previous version after the new one loaded.")
+    name_prefix: str = Field("", description="vllm: prefix of the LoRA name, which is otherwise the version name.")
+    token_env: str | None = Field(None, description="vllm, webhook: environment variable holding a bearer token.")
+    timeout_s: float | None = Field(None, gt=0.0, description="Seconds per attempt; null takes notify.timeout_s.")
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_for_http_hooks(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("type") == "command":
+            raise ValueError(f"command hook {info.data.get('name')!r} sends no HTTP request, so it takes no "
+                             "token_env; read the token in the command itself")
+        return check_token_env(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url_for_http_hooks(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind, name = info.data.get("type"), info.data.get("name")
+        if kind in ("vllm", "webhook") and value is None:
+            raise ValueError(f"a {kind} hook needs a url; hook {name!r} has none")
+        if kind == "command" and value is not None:
+            raise ValueError(f"a command hook takes no url; give hook {name!r} a command list instead")
+        return value if value is None else check_http_url(value, "http://127.0.0.1:8000")
+
+    @field_validator("command")
+    @classmethod
+    def _command_for_command_hooks(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        kind, name = info.data.get("type"), info.data.get("name")
+        if kind == "command" and (not value or not all(part.strip() for part in value)):
+            raise ValueError(f"command hook {name!r} needs a non-empty list of non-empty strings, "
+                             "such as ['/usr/local/bin/reload-model', '--graceful']")
+        if kind in ("vllm", "webhook") and value is not None:
+            raise ValueError(f"a {kind} hook takes no command; hook {name!r} has one")
+        return value
+
+    @field_validator("unload_previous", "name_prefix")
+    @classmethod
+    def _vllm_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("type") != "vllm":
+            raise ValueError(f"only vllm hooks use {info.field_name}; hook {info.data.get('name')!r} "
+                             f"is of type {info.data.get('type')!r}")
+        return value
+
+
+class NotifyConfig(_Section):
+    ui_base_url: str | None = Field(
+        None, description="Base URL of the monitor as people reach it, for links in notifications; null uses the "
+                          "monitor's listen address, or leaves links out when that is 0.0.0.0 or unknown.")
+    stale_approval_after_s: float = Field(3600.0, gt=0.0, description="Seconds a run may wait for approval before "
+                                                                      "it is notified once more as stale.")
+    resend_interval_s: float = Field(60.0, gt=0.0, description="Seconds between re-sends of a waiting run's alert to "
+                                                               "alertmanager targets; keep it below Alertmanager's "
+                                                               "resolve_timeout (5 minutes by default).")
+    approval_webhooks: list[ApprovalWebhookConfig] = Field(default_factory=list, description="Targets told when a run waits for approval.")
+    version_hooks: list[VersionHookConfig] = Field(default_factory=list, description="Targets told of every promotion and rollback.")
+    max_attempts: int = Field(5, ge=1, le=100, description="Attempts per notification, the first included.")
+    backoff_initial_s: float = Field(1.0, gt=0.0, description="Seconds before the second attempt; each later wait doubles.")
+    backoff_max_s: float = Field(60.0, gt=0.0, description="Longest wait between two attempts, in seconds.")
+    timeout_s: float = Field(5.0, gt=0.0, description="Seconds per HTTP attempt, and per command unless the hook sets timeout_s.")
+
+    @field_validator("ui_base_url")
+    @classmethod
+    def _ui_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_http_url(value, "https://driftloop.example.com")
+
+    @field_validator("version_hooks")
+    @classmethod
+    def _unique_names(cls, value: list[VersionHookConfig], info: ValidationInfo) -> list[VersionHookConfig]:
+        names = [target.name for target in [*info.data.get("approval_webhooks", []), *value]]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"target name {repeated[0]!r} is used more than once in approval_webhooks and "
+                             "version_hooks; give each target its own name")
+        return value
+
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _backoff_order(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("backoff_initial_s")
+        if initial is not None and value < initial:
+            raise ValueError(f"is below backoff_initial_s ({initial}); allowed: at least backoff_initial_s")
+        return value
+
+
 class Config(_Section):
     state_dir: str = Field("./state", description="Adapters, reference profiles and the SQLite database live here.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; null means SQLite at <state_dir>/driftloop.db.")
     cache_dir: str | None = Field(None, description="Cache of trained bootstrap adapters; null means <state_dir>/cache.")
-    approval: Literal["auto", "manual"] = "manual"
+    approval: Literal["manual", "auto-if-gates-pass", "auto"] = Field(
+        "manual",
+        description="manual: a person approves every candidate whose canary did not fail. auto-if-gates-pass: a "
+                    "passed canary promotes at once, an inconclusive one waits for a person. auto: no person; an "
+                    "inconclusive canary waits for more labelled data. A failed canary never promotes.",
+    )
     model: ModelConfig = ModelConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     data: DataConfig = DataConfig()
@@ -306,8 +471,10 @@ class Config(_Section):
     trigger: TriggerConfig = TriggerConfig()
     retrain: RetrainConfig = RetrainConfig()
     canary: CanaryConfig = CanaryConfig()
+    post_promotion: PostPromotionConfig = PostPromotionConfig()
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     # Paths are resolved against the config file's folder, so a config works
     # from any working directory.
@@ -401,11 +568,24 @@ def _cross_field_errors(config: Config) -> list[str]:
     return errors
 
 
+# Removed keys and what replaced them, so an old config fails with directions instead of "unknown key".
+REPLACED_KEYS = {
+    "canary.max_test_regression": "use canary.noninferiority_margin instead: the lower bound of the paired "
+                                  "bootstrap 95% interval of candidate minus current test accuracy must be at "
+                                  "least minus that margin",
+}
+
+
 def _format_error(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden" and key in REPLACED_KEYS:
+        return f"{key}: this key was removed (value {error['input']!r}); {REPLACED_KEYS[key]}"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {error['input']!r}); check the spelling against config/driftloop.yaml"
+    if error["loc"][-1] == "token_env":
+        # Someone may have pasted the token itself here, so it is not repeated in the message.
+        return f"{key}: invalid value (not shown): {message}"
     return f"{key}: invalid value {error.get('input')!r}: {message}"
 
 

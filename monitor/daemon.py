@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -28,10 +29,13 @@ from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
 from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
 from monitor.metrics import RUN_STATES, MonitorMetrics
+from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
 from monitor.sampling import Observation, WindowSampler
 from monitor.store import Store
-from retrain.jobs import RUNNING_STATES, RetrainJob, cancel_run, recover_interrupted_runs, run_owner
+from retrain.assembly import in_holdout
+from retrain.jobs import RUNNING_STATES, WAITING_STATES, RetrainJob, cancel_run, recover_interrupted_runs, run_owner
+from retrain.notify import Notifier
 from retrain.registry import Registry
 from retrain.trainer import progress_reporter
 
@@ -111,6 +115,7 @@ class MonitorDaemon:
         self.store = Store(config.db_url)
         self.registry = Registry(self.store, config.state_path)
         self.metrics = MonitorMetrics(registry)
+        self.notifier = Notifier(config.notify, self.store, self.metrics)
         self.ready = False
         self.startup_error: str | None = None
         self.lock = threading.RLock()
@@ -163,6 +168,7 @@ class MonitorDaemon:
             # A tick that outlasts the interval (a window evaluation can) makes APScheduler warn about
             # each skipped run. Skipping is intended, because the next tick picks up every closed window.
             logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+            self.notifier.start()
             self.scheduler.start()
             self.ready = True
             logger.info("monitor ready: active version %s, %d labels", self.active_name, len(self.labels))
@@ -178,6 +184,7 @@ class MonitorDaemon:
         self.cancel_requested.set()
         if self.job_thread is not None:
             self.job_thread.join(timeout=30)
+        self.notifier.stop()
         self.store.close()
         logger.info("monitor daemon stopped")
 
@@ -210,6 +217,8 @@ class MonitorDaemon:
             # Windows are compared with one reference: start a fresh one.
             self.window = self._open_window(name)
         self.metrics.active_version.info({"version": name})
+        watch = self.store.watch(name)
+        self.metrics.post_promotion_watching.set(1 if watch and watch["status"] == promotion_watch.WATCHING else 0)
         self.metrics.reference_confidence.set(float(profile.val_confidences.mean()) if len(profile.val_confidences) else float("nan"))
 
     def _open_window(self, version: str | None) -> OpenWindow:
@@ -304,6 +313,7 @@ class MonitorDaemon:
         try:
             self._follow_registry()
             self._promote_approved()
+            self._recheck_waiting_runs()
             self._expire_pending_labels()
             while True:
                 with self.lock:
@@ -311,7 +321,7 @@ class MonitorDaemon:
                         break
                     window = self.pending.popleft()
                 self._evaluate(window)
-            self.metrics.pending_approvals.set(len(self.store.runs(states=["pending_approval"])))
+            self.notifier.check_pending()
             # Runs started by `driftloop retrain` in a terminal show up here too.
             latest = self.store.runs(limit=1)
             if latest and not self.job_running() and latest[0]["state"] in RUN_STATES:
@@ -324,8 +334,10 @@ class MonitorDaemon:
         active = self.registry.active()
         if active is not None and active.name != self.active_name:
             logger.info("active version changed from %s to %s; reloading the reference", self.active_name, active.name)
+            previous = self.active_name
             self._activate_reference(active.name)
             self.policy.run_ended()
+            self.notifier.version_changed(active.name, active.adapter_dir, previous, "rollback")
         self._count_rollbacks()
 
     def _evaluate(self, window: OpenWindow) -> None:
@@ -363,7 +375,61 @@ class MonitorDaemon:
         if window.version != self.active_name:
             # A window of the previous version is no evidence about the new one.
             return
+        if self._judge_watch(window.version):
+            return
         self._apply_policy(window.id, report)
+
+    # Post-promotion watch
+
+    def _start_watch(self, version: str, previous: str | None, run_id: str) -> None:
+        """Record the baseline of the version being replaced, so live figures of ``version`` can be judged."""
+        settings = self.config.post_promotion
+        if not settings.enabled or previous is None:
+            return
+        windows = self.store.last_windows_of_version(previous, settings.baseline_windows)
+        baseline = promotion_watch.pool_windows(windows, self.store.window_accuracy)
+        self.store.start_watch(version, previous, run_id, baseline.to_dict())
+        self.metrics.post_promotion_watching.set(1)
+        self.metrics.post_promotion_events.set(0)
+        self.store.audit("post_promotion_watch", "watch_started", run_id=run_id, version=version,
+                         detail={"previous": previous, "baseline": baseline.to_dict()})
+        logger.info("post-promotion watch of version %s started: baseline from %d windows of %s %s",
+                    version, baseline.windows, previous, baseline.to_dict())
+
+    def _judge_watch(self, version: str) -> bool:
+        """Judge the watched ``version`` on its windows so far; return True when it was rolled back."""
+        watch = self.store.watch(version)
+        if watch is None or watch["status"] != promotion_watch.WATCHING:
+            return False
+        baseline = promotion_watch.LiveFigures(**watch["baseline"])
+        observed = promotion_watch.pool_windows(self.store.windows_of_version(version, since=watch["started_at"]),
+                                self.store.window_accuracy)
+        verdict = promotion_watch.judge(baseline, observed, self.config.post_promotion)
+        result = {"observed": observed.to_dict(), **verdict.to_dict()}
+        self.metrics.post_promotion_events.set(observed.events)
+        if verdict.status == promotion_watch.WATCHING:
+            self.store.update_watch(version, verdict.status, result)
+            return False
+        self.metrics.post_promotion_watching.set(0)
+        if verdict.status == promotion_watch.PASSED:
+            self.store.update_watch(version, verdict.status, result)
+            self.store.audit("post_promotion_watch", "watch_passed", run_id=watch["run_id"], version=version,
+                             detail=result)
+            logger.info("post-promotion watch of version %s passed after %d events", version, observed.events)
+            return False
+        reason = "post-promotion watch: " + "; ".join(verdict.reasons)
+        logger.warning("version %s is worse than %s on live traffic: %s; rolling back", version, watch["previous"],
+                       "; ".join(verdict.reasons))
+        try:
+            self.rollback(watch["previous"], actor="post_promotion_watch", reason=reason)
+        except DriftloopError as exc:
+            # The pointer moved meanwhile (a person rolled back or promoted): nothing to undo.
+            logger.warning("post-promotion watch of version %s could not roll back: %s", version, exc)
+            self.store.update_watch(version, "ended", {**result, "error": str(exc)})
+            return False
+        self.store.update_watch(version, "rolled_back", result)
+        self.metrics.post_promotion_rollbacks.inc()
+        return True
 
     def _apply_policy(self, window_id: str, report) -> None:
         decision = self.policy.observe(
@@ -416,13 +482,16 @@ class MonitorDaemon:
         self._log_progress = progress_reporter(logger.info, f"retrain run {run_id}")
         self.metrics.retrain_state.state("queued")
         self.metrics.retrain_overfitting.set(0)
-        job = RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
-                         dataset=self.dataset, base=active, since=self.active_since,
-                         drift_started_at=trigger.get("drift_started_at"),
-                         on_progress=self._on_progress, should_stop=self.cancel_requested.is_set)
+        job = self._new_job(run_id, active, self.active_since, drift_started_at=trigger.get("drift_started_at"))
         self.job_thread = threading.Thread(target=self._run_job, args=(job,), name=f"retrain-{run_id}", daemon=True)
         self.job_thread.start()
         return run_id
+
+    def _new_job(self, run_id: str, base, since: float | None, drift_started_at: float | None = None) -> RetrainJob:
+        return RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
+                          dataset=self.dataset, base=base, since=since, drift_started_at=drift_started_at,
+                          on_progress=self._on_progress, should_stop=self.cancel_requested.is_set,
+                          embedder=self.embedder)
 
     def _on_progress(self, progress: dict) -> None:
         self._log_progress(progress)
@@ -446,8 +515,8 @@ class MonitorDaemon:
             self.metrics.retrain_state.state("cancelled")
         return run
 
-    def _run_job(self, job: RetrainJob) -> None:
-        state = job.run()
+    def _run_job(self, job: RetrainJob, recheck: bool = False) -> None:
+        state = job.recheck() if recheck else job.run()
         run = self.store.get_run(job.run_id) or {}
         canary = run.get("canary") or {}
         if canary:
@@ -456,8 +525,41 @@ class MonitorDaemon:
         if state in ("failed", "rejected_by_gate", "cancelled"):
             self.metrics.retrain_runs.labels(state).inc()
             self.policy.run_ended()
+        if state == "pending_approval":
+            self.notifier.approval_requested(job.run_id)
         if state == "approved":
-            self.promote(job.run_id, actor="policy:auto")
+            self.promote(job.run_id, actor="policy:" + self.config.approval)
+
+    def _recheck_waiting_runs(self) -> None:
+        """Evaluate an inconclusive waiting candidate again once enough new held-out events are labelled.
+
+        One run at a time, in the worker thread, and never beside a retrain.
+        """
+        if self.job_running():
+            return
+        step = self.config.canary.recheck_new_samples
+        for run in self.store.runs(states=WAITING_STATES, limit=20):
+            canary = run["canary"] or {}
+            if canary.get("status") != "inconclusive" or not run.get("candidate_dir"):
+                continue
+            since = (run["training"] or {}).get("production_since")
+            held_out = sum(in_holdout(event_id, self.config.retrain.holdout_fraction)
+                           for event_id, _, _ in self.store.labelled_events(since=since))
+            judged = (canary.get("production") or {}).get("n", 0)
+            if held_out - judged < step:
+                continue
+            try:
+                base = self.registry.get(run["base_version"])
+            except DriftloopError as exc:
+                logger.warning("retrain run %s cannot be evaluated again: %s", run["id"], exc)
+                continue
+            logger.info("retrain run %s: %d held-out events labelled, %d when last judged; evaluating again",
+                        run["id"], held_out, judged)
+            job = self._new_job(run["id"], base, since)
+            self.job_thread = threading.Thread(target=self._run_job, args=(job, True), name=f"recheck-{run['id']}",
+                                               daemon=True)
+            self.job_thread.start()
+            return
 
     def _promote_approved(self) -> None:
         for run in self.store.runs(states=["approved"]):
@@ -475,18 +577,18 @@ class MonitorDaemon:
             try:
                 version = self.registry.register(Path(run["candidate_dir"]), parent=run["base_version"],
                                                  run_id=run_id, actor=actor)
-                from monitor.profiles import build_version_profile
-
-                build_version_profile(self.config, version.adapter_dir, version.name,
-                                      self.registry.profile_dir(version.name), embedder=self.embedder)
-                self.registry.activate(version.name, actor=actor, action="promote", run_id=run_id)
+                self._install_profile(run_id, version)
+                previous = self.registry.activate(version.name, actor=actor, action="promote", run_id=run_id)
             except Exception as exc:
                 self.store.update_run(run_id, state="failed", error=f"promotion failed: {exc}")
                 self.metrics.retrain_runs.labels("failed").inc()
                 logger.exception("promotion of run %s failed", run_id)
                 raise
             self.store.update_run(run_id, state="active", promoted_version=version.name)
+            self._supersede_waiting_runs(run_id, version.name)
             self._notify_server()
+            self.notifier.version_changed(version.name, version.adapter_dir, previous, "promote")
+            self._start_watch(version.name, run["base_version"], run_id)
             self._activate_reference(version.name)
             self.policy.run_ended()
             self.metrics.promotions.inc()
@@ -495,10 +597,33 @@ class MonitorDaemon:
             logger.info("retrain run %s promoted as version %s", run_id, version.name)
             return version.name
 
+    def _supersede_waiting_runs(self, promoted_run: str, version: str) -> None:
+        """End the other candidates that wait: they were trained from a version that is no longer active."""
+        for run in self.store.runs(states=(*WAITING_STATES, "approved"), limit=1000):
+            if run["id"] != promoted_run and self.store.transition_run(
+                    run["id"], (run["state"],), "superseded", actor="daemon", action="run_superseded",
+                    detail={"by_version": version, "was": run["state"]}):
+                logger.info("retrain run %s: superseded by version %s", run["id"], version)
+                shutil.rmtree(self.config.state_path / "runs" / run["id"], ignore_errors=True)
+
+    def _install_profile(self, run_id: str, version) -> None:
+        """Move the profile the run built before approval into place, or build it now if it has none."""
+        work_dir = self.config.state_path / "runs" / run_id
+        built = work_dir / "profile"
+        target = self.registry.profile_dir(version.name)
+        if (built / "profile.json").is_file() and not target.exists():
+            os.rename(built, target)
+        else:
+            from monitor.profiles import build_version_profile
+
+            build_version_profile(self.config, version.adapter_dir, version.name, target, embedder=self.embedder)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
     def rollback(self, to: str | None, actor: str, reason: str = "") -> tuple[str | None, str]:
         with self.promotion_lock:
             previous, target = self.registry.rollback(to, actor=actor, reason=reason)
             self._notify_server()
+            self.notifier.version_changed(target, self.registry.get(target).adapter_dir, previous, "rollback")
             self._activate_reference(target)
             self.policy.run_ended()
             self._count_rollbacks()

@@ -416,6 +416,10 @@ def _fmt(value, pattern="{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _interval(bounds) -> str:
+    return "-" if not bounds else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+
+
 def print_summary(summary: dict) -> None:
     run = summary["run"] or {}
     training = run.get("training") or {}
@@ -453,12 +457,27 @@ def print_summary(summary: dict) -> None:
         if part:
             print(f"  canary {part['name']} (n={part['n']}): accuracy {part['current_accuracy']:.3f} -> "
                   f"{part['candidate_accuracy']:.3f}, macro-F1 {part['current_macro_f1']:.3f} -> "
-                  f"{part['candidate_macro_f1']:.3f}, McNemar p={_fmt(part.get('mcnemar_p'), '{:.2g}')}")
+                  f"{part['candidate_macro_f1']:.3f}, McNemar p={_fmt(part.get('mcnemar_p'), '{:.2g}')}, "
+                  f"mid-p={_fmt(part.get('mcnemar_midp'), '{:.2g}')}")
+            if part.get("accuracy_diff_ci"):
+                print(f"    95% bootstrap intervals of the difference: accuracy {_interval(part['accuracy_diff_ci'])}, "
+                      f"macro-F1 {_interval(part['macro_f1_diff_ci'])}; "
+                      f"regressed classes: {', '.join(part.get('regressed_classes') or []) or 'none'}")
     if canary.get("shadow"):
         shadow = canary["shadow"]
         print(f"  canary shadow on {shadow['n']} live inputs: agreement {shadow['agreement']:.3f}, "
               f"mean confidence {shadow['current_mean_confidence']:.3f} -> {shadow['candidate_mean_confidence']:.3f}")
-    print(f"  canary decision: {canary.get('status', '-')}")
+        flips = ", ".join(f"{flip['current']} -> {flip['candidate']} ({flip['count']})"
+                          for flip in (shadow.get("flips") or [])[:3])
+        if flips:
+            print(f"    most frequent label changes: {flips}")
+    latency = canary.get("latency") or {}
+    if latency.get("n"):
+        print(f"  canary latency of single-text predictions (n={latency['n']}): p50 {latency['current_p50_ms']:.1f} -> "
+              f"{latency['candidate_p50_ms']:.1f} ms, p99 {latency['current_p99_ms']:.1f} -> "
+              f"{latency['candidate_p99_ms']:.1f} ms")
+    deciding = f" ({canary['deciding_gate']})" if canary.get("deciding_gate") else ""
+    print(f"  canary decision: {canary.get('status', '-')}{deciding}")
 
 
 def run_demo(config_path: str | Path, *, quick: bool = False, keep_state: bool = False,

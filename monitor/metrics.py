@@ -11,6 +11,7 @@ RUN_STATES = (
     "queued",
     "training",
     "evaluating",
+    "awaiting_data",
     "pending_approval",
     "approved",
     "promoting",
@@ -18,6 +19,7 @@ RUN_STATES = (
     "rejected_by_gate",
     "rejected",
     "rolled_back",
+    "superseded",
     "failed",
     "cancelling",
     "cancelled",
@@ -74,8 +76,28 @@ class MonitorMetrics:
         self.retrain_eta = Gauge("driftloop_retrain_eta_seconds", "Estimated seconds left in the running retrain.", registry=r)
         self.canary_passed = Gauge("driftloop_canary_passed", "1 when the last canary passed its gates, 0 otherwise.", registry=r)
         self.pending_approvals = Gauge("driftloop_pending_approvals", "Runs waiting for approval.", registry=r)
+        self.oldest_pending_approval_age = Gauge(
+            "driftloop_oldest_pending_approval_age_seconds",
+            "Seconds the longest-waiting run has been pending approval; 0 when no run waits.", registry=r)
+        self.notifications = Counter(
+            "driftloop_notifications_total", "Notifications delivered, by target type and event.",
+            ["target_type", "event"], registry=r)
+        self.notify_failures = Counter(
+            "driftloop_notify_failures_total",
+            "Notifications given up after their last attempt, or dropped because the queue was full, by target type and event.",
+            ["target_type", "event"], registry=r)
         self.promotions = Counter("driftloop_promotions_total", "Adapter versions promoted.", registry=r)
         self.rollbacks = Counter("driftloop_rollbacks_total", "Rollbacks to an earlier version.", registry=r)
+        self.post_promotion_rollbacks = Counter(
+            "driftloop_post_promotion_rollbacks_total",
+            "Automatic rollbacks by the post-promotion watch, because the new version did worse than its baseline.",
+            registry=r)
+        self.post_promotion_watching = Gauge(
+            "driftloop_post_promotion_watch_active", "1 while a newly promoted version is under its post-promotion watch.",
+            registry=r)
+        self.post_promotion_events = Gauge(
+            "driftloop_post_promotion_watch_events", "Events of the watched version evaluated so far by the post-promotion watch.",
+            registry=r)
 
     def record_window(self, report) -> None:
         if report.status != "ok":

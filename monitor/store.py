@@ -127,6 +127,20 @@ class AuditRow(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
+class WatchRow(Base):
+    """The post-promotion watch of one promoted version: its baseline and its latest verdict."""
+
+    __tablename__ = "promotion_watches"
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    previous: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    baseline: Mapped[str] = mapped_column(Text, default="{}")
+    result: Mapped[str] = mapped_column(Text, default="{}")
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the server and the CLI read while the daemon writes.
     cursor = dbapi_connection.cursor()
@@ -344,6 +358,50 @@ class Store:
                 query = query.where(RunRow.state.in_(list(states)))
             return [_run_dict(row) for row in session.scalars(query)]
 
+    # Post-promotion watches
+
+    def windows_of_version(self, version: str, since: float, limit: int = 10000) -> list[dict[str, Any]]:
+        """Return the window reports of ``version`` that ended at or after ``since``, oldest first."""
+        with self.session() as session:
+            rows = session.scalars(
+                select(WindowRow).where(WindowRow.version == version, WindowRow.ended_at >= since)
+                .order_by(WindowRow.ended_at).limit(limit)
+            ).all()
+            return [json.loads(row.report) | {"version": row.version} for row in rows]
+
+    def last_windows_of_version(self, version: str, count: int) -> list[dict[str, Any]]:
+        """Return the ``count`` latest window reports of ``version``, oldest first."""
+        with self.session() as session:
+            rows = session.scalars(
+                select(WindowRow).where(WindowRow.version == version).order_by(WindowRow.ended_at.desc()).limit(count)
+            ).all()
+            return [json.loads(row.report) | {"version": row.version} for row in reversed(rows)]
+
+    def start_watch(self, version: str, previous: str | None, run_id: str | None, baseline: dict[str, Any],
+                    status: str = "watching") -> None:
+        now = time.time()
+        with self.session() as session:
+            session.merge(WatchRow(version=version, previous=previous, run_id=run_id, started_at=now,
+                                   updated_at=now, status=status, baseline=json.dumps(baseline),
+                                   result=json.dumps({})))
+
+    def update_watch(self, version: str, status: str, result: dict[str, Any]) -> None:
+        with self.session() as session:
+            row = session.get(WatchRow, version)
+            if row is not None:
+                row.status = status
+                row.result = json.dumps(result)
+                row.updated_at = time.time()
+
+    def watch(self, version: str) -> dict[str, Any] | None:
+        with self.session() as session:
+            row = session.get(WatchRow, version)
+            if row is None:
+                return None
+            return {"version": row.version, "previous": row.previous, "run_id": row.run_id,
+                    "started_at": row.started_at, "updated_at": row.updated_at, "status": row.status,
+                    "baseline": json.loads(row.baseline), "result": json.loads(row.result)}
+
     # Audit
 
     def audit(self, actor: str, action: str, *, run_id: str | None = None, version: str | None = None,
@@ -372,10 +430,16 @@ class Store:
         with self.session() as session:
             return int(session.scalar(select(func.max(AuditRow.id))) or 0)
 
-    def audit_log(self, since_id: int = 0, limit: int = 200, latest: bool = False) -> list[dict[str, Any]]:
-        """Return audit entries oldest first: the first ``limit`` after ``since_id``, or the last ``limit``."""
+    def audit_log(self, since_id: int = 0, limit: int = 200, latest: bool = False,
+                  run_id: str | None = None) -> list[dict[str, Any]]:
+        """Return audit entries oldest first: the first ``limit`` after ``since_id``, or the last ``limit``.
+
+        With ``run_id``, only the entries of that retraining run.
+        """
         with self.session() as session:
             query = select(AuditRow).where(AuditRow.id > since_id)
+            if run_id is not None:
+                query = query.where(AuditRow.run_id == run_id)
             if latest:
                 query = query.order_by(AuditRow.id.desc()).limit(limit)
             else:

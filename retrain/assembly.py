@@ -36,6 +36,19 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def canary_holdout(production: list[tuple[str, str, str]], holdout_fraction: float,
+                   trained_texts: list[str] | None = None) -> list[Example]:
+    """Return the canary's production slice: (text, label) of the events in the holdout by id hash.
+
+    ``production`` is a list of ``(event_id, text, label)``. Texts in ``trained_texts`` are left
+    out (compared after ``normalise``), so an event labelled after a candidate was trained never
+    judges it on a text it learned.
+    """
+    trained = {normalise(text) for text in trained_texts or []}
+    return [(text, label) for event_id, text, label in production
+            if in_holdout(event_id, holdout_fraction) and normalise(text) not in trained]
+
+
 def examples_sha256(examples: list[Example]) -> str:
     """Hash a list of examples independent of its order: sha256 over sorted JSON-escaped lines.
 
@@ -141,7 +154,7 @@ def assemble_training_data(base_train: list[Example], production: list[tuple[str
                 f"{len(unknown)} labelled production events ({len(set(unknown))} distinct labels) have labels "
                 f"outside the classifier's label set; first unknown label: {unknown[0]!r}"
             )
-    holdout = [(text, label) for event_id, text, label in production if in_holdout(event_id, holdout_fraction)]
+    holdout = canary_holdout(production, holdout_fraction)
     production_train = [(text, label) for event_id, text, label in production if not in_holdout(event_id, holdout_fraction)]
     replay, _ = cap_per_label(base_train, replay_per_label, seed) if replay_per_label else ([], [])
 

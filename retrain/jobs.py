@@ -2,12 +2,16 @@
 
 States, each written to the store before the work it names starts::
 
-    queued -> training -> evaluating -> pending_approval | approved -> promoting -> active
+    queued -> training -> evaluating -> pending_approval | awaiting_data | approved -> promoting -> active
 
 with ``rejected_by_gate``, ``rejected``, ``failed`` and ``cancelled`` as final
-states. A cancel request moves a queued, training or evaluating run to
-``cancelling``; the worker stops before its next step and writes
-``cancelled``. A pending or approved run is cancelled at once. Every change
+states. ``state_after_canary`` chooses the state after ``evaluating`` from the
+canary's status and the approval policy. A run waiting in ``pending_approval``
+or ``awaiting_data`` with an inconclusive canary goes back to ``evaluating``
+when enough new labelled production events arrived. A cancel request moves a
+queued, training or evaluating run to ``cancelling``; the worker stops before
+its next step and writes ``cancelled``. A waiting or approved run is cancelled
+at once. Every change
 is a compare-and-set on the run's state, so a cancel and an approval, or two
 approvals, cannot both win.
 
@@ -33,16 +37,18 @@ from typing import Callable
 from monitor.config import Config, resolve_model_path
 from monitor.errors import DriftloopError, NotFoundError, TrainingError
 from monitor.store import Store
-from retrain.assembly import AssembledData, assemble_training_data, in_holdout
+from retrain.assembly import AssembledData, assemble_training_data, canary_holdout, in_holdout
 from retrain.datasets import Dataset, Example
 from retrain.registry import Registry, Version, read_train_data, write_examples, write_train_data
 
 logger = logging.getLogger(__name__)
 
 RUNNING_STATES = ("queued", "training", "evaluating", "cancelling")
+# States of a trained candidate that waits: for a person, or for more labelled events.
+WAITING_STATES = ("awaiting_data", "pending_approval")
 # States a restart finds only when the process died inside them.
 INTERRUPTED_STATES = ("queued", "training", "evaluating", "promoting", "cancelling")
-CANCELLABLE_STATES = ("queued", "training", "evaluating", "pending_approval", "approved")
+CANCELLABLE_STATES = ("queued", "training", "evaluating", "awaiting_data", "pending_approval", "approved")
 FINAL_STATES = ("active", "rejected_by_gate", "rejected", "failed", "cancelled", "superseded", "rolled_back")
 # Fewer drifted-period texts than this and the profile falls back to the training data.
 MIN_PROFILE_TEXTS = 100
@@ -64,7 +70,7 @@ class RetrainJob:
 
     def __init__(self, *, run_id: str, config: Config, store: Store, registry: Registry, dataset: Dataset,
                  base: Version, since: float | None, drift_started_at: float | None = None,
-                 on_progress: Callable[[dict], None] | None = None,
+                 on_progress: Callable[[dict], None] | None = None, embedder=None,
                  should_stop: Callable[[], bool] | None = None, stop_reason: str = "the daemon is stopping"):
         self.run_id = run_id
         self.config = config
@@ -75,6 +81,8 @@ class RetrainJob:
         self.since = since
         self.drift_started_at = drift_started_at
         self.on_progress = on_progress
+        # The sidecar's embedder, shared to build the candidate's profile; None loads one.
+        self.embedder = embedder
         self.external_stop = should_stop
         self.stop_reason = stop_reason
         self.work_dir = config.state_path / "runs" / run_id
@@ -140,6 +148,10 @@ class RetrainJob:
         Torch runs on ``retrain.training.num_threads`` threads for the whole run, canary included
         (default: every core but one), so the sidecar's ingest keeps a core.
         """
+        return self._guarded(self._run)
+
+    def _guarded(self, work: Callable[[], str]) -> str:
+        """Run ``work`` with the retrain's thread cap; a cancel or any failure ends the run, never the caller."""
         import torch
 
         from retrain.trainer import TrainingCancelled
@@ -148,7 +160,7 @@ class RetrainJob:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return self._run()
+            return work()
         except (TrainingCancelled, RunCancelled) as exc:
             reason = self.stop_reason if self.external_stop is not None and self.external_stop() else str(exc)
             self.store.transition_run(self.run_id, RUNNING_STATES, "cancelled", actor="retrain", action="run_cancelled",
@@ -219,9 +231,8 @@ class RetrainJob:
             write_examples(folder / "validation.jsonl", validation)
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        candidate_dir = self.work_dir / "candidate"
         result = train_adapter(
-            base_model, self.dataset.labels, data.train, candidate_dir, settings,
+            base_model, self.dataset.labels, data.train, self.candidate_dir, settings,
             validation=data.validation, init_adapter=init_adapter,
             progress=self._progress("train"), should_stop=self.should_stop, deadline=deadline,
             lineage={"run_id": self.run_id, "base_version": self.base.name, "data": data.lineage(),
@@ -250,57 +261,126 @@ class RetrainJob:
         }
 
     def _run(self) -> str:
-        from retrain.canary import CanaryGates, compare_on_slice, decide, shadow_compare
-        from retrain.model import Classifier
-
         self.set_state("training", ("queued",))
         started = time.time()
         data = self._assemble()
         base_model = resolve_model_path(self.config.model.base)
         training = self._train(data, base_model)
         training["total_seconds"] = round(time.time() - started, 2)
-        candidate_dir = self.work_dir / "candidate"
-        self.store.update_run(self.run_id, training=training, candidate_dir=str(candidate_dir))
+        training["production_since"] = self.since
+        self.store.update_run(self.run_id, training=training, candidate_dir=str(self.candidate_dir))
 
         self.set_state("evaluating", ("training",))
+        return self._evaluate(data.holdout, base_model)
+
+    @property
+    def candidate_dir(self) -> Path:
+        return self.work_dir / "candidate"
+
+    @property
+    def profile_dir(self) -> Path:
+        """Where the candidate's reference profile is built before approval; promotion moves it."""
+        return self.work_dir / "profile"
+
+    def _evaluate(self, holdout: list[Example], base_model: str) -> str:
+        """Run the canary of the candidate against the base version, store it, and enter the decided state.
+
+        A candidate that did not fail also gets its reference profile built here, so that
+        promotion after approval only moves folders and swaps pointers.
+        """
+        from retrain.canary import (CanaryGates, ComparisonSettings, compare_on_slice, decide, measure_latency,
+                                    shadow_compare)
+        from retrain.model import Classifier
+
         device = None if self.config.model.device == "auto" else self.config.model.device
         current = Classifier.load(base_model, self.base.adapter_dir, self.base.name, device=device)
-        candidate = Classifier.load(base_model, candidate_dir, f"candidate:{self.run_id}", device=device)
+        candidate = Classifier.load(base_model, self.candidate_dir, f"candidate:{self.run_id}", device=device)
+        canary_config = self.config.canary
+        settings = ComparisonSettings.from_config(canary_config)
         production_slice = None
-        if data.holdout:
-            texts, labels = zip(*data.holdout)
-            production_slice = compare_on_slice("production_holdout", list(texts), list(labels), current, candidate)
+        holdout_texts: list[str] = []
+        if holdout:
+            texts, labels = zip(*holdout)
+            holdout_texts = list(texts)
+            production_slice = compare_on_slice("production_holdout", holdout_texts, list(labels), current, candidate,
+                                                settings)
         self._check_cancel()
         test_texts, test_labels = zip(*self.dataset.test)
-        test_slice = compare_on_slice("original_test", list(test_texts), list(test_labels), current, candidate)
+        test_slice = compare_on_slice("original_test", list(test_texts), list(test_labels), current, candidate,
+                                      settings)
         self._check_cancel()
-        shadow_texts = self.store.recent_texts(self.config.canary.shadow_sample)
+        shadow_texts = self.store.recent_texts(canary_config.shadow_sample)
         shadow = shadow_compare(shadow_texts, current, candidate) if shadow_texts else None
-        gates = CanaryGates(
-            min_production_samples=self.config.canary.min_production_samples,
-            min_production_gain=self.config.canary.min_production_gain,
-            max_test_regression=self.config.canary.max_test_regression,
-        )
-        decision = decide(production_slice, test_slice, shadow, gates)
-        self.store.update_run(self.run_id, canary=decision.to_dict())
+        self._check_cancel()
+        # Live inputs first, because their lengths are what the server sees.
+        latency = measure_latency(shadow_texts + holdout_texts, current, candidate, canary_config.latency_samples)
+        decision = decide(production_slice, test_slice, shadow, CanaryGates.from_config(canary_config), latency)
+        previous = (self.store.get_run(self.run_id) or {}).get("canary") or {}
+        report = {**decision.to_dict(), "evaluated_at": time.time(),
+                  "evaluations": int(previous.get("evaluations", 0)) + 1}
+        self.store.update_run(self.run_id, canary=report)
         self.store.audit("canary", "canary_" + decision.status, run_id=self.run_id,
-                         detail={"gates": decision.gates})
+                         detail={"gates": decision.gates, "deciding_gate": decision.deciding_gate,
+                                 "evaluation": report["evaluations"]})
+        if decision.status != "failed" and not (self.profile_dir / "profile.json").is_file():
+            self._check_cancel()
+            from monitor.profiles import build_version_profile
 
-        if not decision.passed:
-            # An inconclusive canary waits for a person; a failed gate ends the run.
-            if decision.status == "inconclusive":
-                self.set_state("pending_approval", ("evaluating",))
-                return "pending_approval"
-            self.set_state("rejected_by_gate", ("evaluating",))
-            return "rejected_by_gate"
-        if self.config.approval == "auto":
-            if not self.store.transition_run(self.run_id, ("evaluating",), "approved", actor="policy:auto",
-                                             action="run_approved", detail={"comment": "approval: auto"}):
+            build_version_profile(self.config, self.candidate_dir, f"candidate:{self.run_id}", self.profile_dir,
+                                  embedder=self.embedder, classifier=candidate)
+        return self._enter_decided_state(decision.status)
+
+    def recheck(self) -> str:
+        """Evaluate a waiting candidate again on the canary holdout as it is now; return the new state.
+
+        The holdout holds the labelled production events since the base version became active
+        that fall in the holdout by id hash, minus any text the candidate trained on. A candidate
+        whose base version is no longer active is ``superseded`` instead.
+        """
+        return self._guarded(self._recheck)
+
+    def _recheck(self) -> str:
+        active = self.registry.active()
+        if active is None or active.name != self.base.name:
+            self.set_state("superseded", WAITING_STATES)
+            return "superseded"
+        self.set_state("evaluating", WAITING_STATES)
+        trained = [text for text, _ in read_train_data(self.candidate_dir)]
+        holdout = canary_holdout(self.store.labelled_events(since=self.since),
+                                 self.config.retrain.holdout_fraction, trained)
+        logger.info("retrain run %s: evaluating the candidate again on %d held-out production events",
+                    self.run_id, len(holdout))
+        return self._evaluate(holdout, resolve_model_path(self.config.model.base))
+
+    def _enter_decided_state(self, status: str) -> str:
+        state = state_after_canary(self.config.approval, status)
+        if state == "approved":
+            if not self.store.transition_run(self.run_id, ("evaluating",), "approved", actor="policy:" + self.config.approval,
+                                             action="run_approved",
+                                             detail={"comment": f"approval: {self.config.approval}, canary passed"}):
                 raise RunCancelled(f"retrain run {self.run_id} was cancelled")
-            logger.info("retrain run %s: approved by policy", self.run_id)
-            return "approved"
-        self.set_state("pending_approval", ("evaluating",))
-        return "pending_approval"
+            logger.info("retrain run %s: approved by policy %s", self.run_id, self.config.approval)
+            return state
+        self.set_state(state, ("evaluating",))
+        return state
+
+
+def state_after_canary(approval: str, status: str) -> str:
+    """Return the state a run enters once its canary decided, under the approval policy.
+
+    A failed canary ends the run as ``rejected_by_gate`` under every policy. A passed one is
+    ``approved`` at once under ``auto`` and ``auto-if-gates-pass`` and waits in
+    ``pending_approval`` under ``manual``. An inconclusive one is never a pass: under ``auto``
+    it waits in ``awaiting_data`` for more labelled production events, and otherwise in
+    ``pending_approval`` for a person (more events re-evaluate it there too).
+    """
+    if status == "failed":
+        return "rejected_by_gate"
+    if status == "passed":
+        return "pending_approval" if approval == "manual" else "approved"
+    if status == "inconclusive":
+        return "awaiting_data" if approval == "auto" else "pending_approval"
+    raise DriftloopError(f"unknown canary status {status!r}")
 
 
 def _decide(store: Store, run_id: str, from_states: tuple[str, ...], state: str, *, actor: str, action: str,
@@ -316,14 +396,14 @@ def _decide(store: Store, run_id: str, from_states: tuple[str, ...], state: str,
 
 
 def approve_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
-    """Mark a pending run approved; the daemon promotes it on its next check."""
-    return _decide(store, run_id, ("pending_approval",), "approved", actor=actor, action="run_approved",
-                   comment=comment, verb="approved")
+    """Mark a run that waits for a person or for data approved; the daemon promotes it on its next check."""
+    return _decide(store, run_id, ("pending_approval", "awaiting_data"), "approved", actor=actor,
+                   action="run_approved", comment=comment, verb="approved")
 
 
 def reject_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
-    return _decide(store, run_id, ("pending_approval", "approved"), "rejected", actor=actor, action="run_rejected",
-                   comment=comment, verb="rejected")
+    return _decide(store, run_id, ("awaiting_data", "pending_approval", "approved"), "rejected", actor=actor,
+                   action="run_rejected", comment=comment, verb="rejected")
 
 
 def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", state_dir: Path | None = None) -> dict:
@@ -341,8 +421,8 @@ def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", stat
     if run["state"] not in CANCELLABLE_STATES:
         raise DriftloopError(f"retrain run {run_id} is {run['state']}; only {', '.join(CANCELLABLE_STATES)} runs "
                              "can be cancelled")
-    if run["state"] in ("pending_approval", "approved"):
-        run = _decide(store, run_id, ("pending_approval", "approved"), "cancelled", actor=actor,
+    if run["state"] in ("awaiting_data", "pending_approval", "approved"):
+        run = _decide(store, run_id, ("awaiting_data", "pending_approval", "approved"), "cancelled", actor=actor,
                       action="run_cancelled", comment=comment, verb="cancelled")
         if state_dir is not None:
             shutil.rmtree(Path(state_dir) / "runs" / run_id, ignore_errors=True)

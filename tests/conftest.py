@@ -70,7 +70,8 @@ def tiny_deployment_config(state: Path, model_dir: Path) -> dict:
         "detectors": {"embedding": {"reference_sample": 60}},
         "retrain": {"replay_per_label": 2, "training": {"epochs": 2}, "sweep": {"budget_steps": 5}},
         # The tiny random model cannot improve much; these gates let a run reach approval.
-        "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "max_test_regression": 1.0},
+        "canary": {"min_production_samples": 5, "min_production_gain": -1.0, "production_alpha": 1.0,
+                   "min_test_samples": 2, "noninferiority_margin": 1.0, "class_regression_margin": 1.0},
     }
 
 
@@ -88,3 +89,13 @@ def post_labelled_events(daemon, count, offset=0):
     labelled = daemon.ingest_labels({"labels": [{"id": row["id"], "label": "transfer"} for row in rows]})
     assert labelled.accepted == count
     assert not labelled.errors
+
+
+def started_daemon(config):
+    """Start a MonitorDaemon in the calling thread and check that it is ready."""
+    from monitor.daemon import MonitorDaemon
+
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    assert daemon.ready, daemon.startup_error
+    return daemon

@@ -31,6 +31,13 @@ def test_run_waits_for_approval_then_promotes(config):
         assert run["state"] == "pending_approval", run["error"]
         assert run["canary"]["test"]["n"] > 0
         assert run["canary"]["production"]["n"] > 0
+        assert run["canary"]["status"] == "passed"
+        assert run["canary"]["deciding_gate"] is None
+        assert len(run["canary"]["test"]["accuracy_diff_ci"]) == 2
+        assert run["canary"]["test"]["per_class"]
+        assert run["canary"]["production"]["mcnemar_midp"] < run["canary"]["production"]["mcnemar_p"]
+        assert run["canary"]["shadow"]["flips"]
+        assert run["canary"]["latency"]["n"] > 0
         assert run["training"]["steps"] > 0
 
         approve_run(daemon.store, run_id, actor="alice", comment="looks good")

@@ -15,7 +15,7 @@ SMALL_SLICE = {
     "trigger": {"consecutive_windows": 2, "min_labels": 400, "cooldown_s": 30},
     "retrain": {"replay_per_label": 6, "training": {"epochs": 5, "learning_rate": 0.005},
                 "sweep": {"ranks": [4, 8], "budget_steps": 20}},
-    "canary": {"min_production_samples": 20, "shadow_sample": 80, "max_test_regression": 0.03},
+    "canary": {"min_production_samples": 20, "shadow_sample": 80, "noninferiority_margin": 0.03},
 }
 
 SCENARIO = Scenario(

@@ -204,11 +204,11 @@ def test_cli_cancel_pending_and_errors(daemon, deployment, capsys):
     assert not candidate.exists()
 
     assert main(["cancel", run["id"], "--config", str(path)]) == 2
-    assert (f"retrain run {run['id']} is cancelled; only queued, training, evaluating, pending_approval, approved runs "
-            "can be cancelled") in capsys.readouterr().err
+    assert (f"retrain run {run['id']} is cancelled; only queued, training, evaluating, awaiting_data, pending_approval, approved "
+            "runs can be cancelled") in capsys.readouterr().err
     assert main(["cancel", "r-missing", "--config", str(path)]) == 2
     assert "retrain run 'r-missing' not found" in capsys.readouterr().err
-    with pytest.raises(Exception, match="is cancelled, only pending_approval runs can be approved"):
+    with pytest.raises(Exception, match="is cancelled, only pending_approval or awaiting_data runs can be approved"):
         approve_run(daemon.store, run["id"], actor="erin")
 
 
