@@ -668,4 +668,5 @@ class MonitorDaemon:
             "retrain_running": self.job_running(),
             "labelled_since_activation": self.store.count_labelled(since=self.active_since) if self.ready else 0,
             "recent_runs": [{"id": run["id"], "state": run["state"], "promoted_version": run["promoted_version"]} for run in runs],
+            "post_promotion_watch": self.store.watch(self.active_name) if self.active_name else None,
         }

@@ -392,7 +392,9 @@ def summarize(demo: DemoRun) -> dict:
     stable_windows = [w for w in windows if w["status"] == "ok" and w["ended_at"] < demo.phase2_started_at]
     after_windows = [w for w in windows if demo.promoted_version and w.get("version") == demo.promoted_version and w["status"] == "ok"]
     run = demo.monitor.get(f"/v1/retrains/{demo.run_id}").json() if demo.run_id else {}
+    watch = demo.monitor.get("/v1/status").json().get("post_promotion_watch")
     return {
+        "watch": watch,
         "before": _accuracy(before),
         "after": _accuracy(after),
         "new_before": _accuracy([i for i in before if i.source == "new"]),
@@ -478,6 +480,14 @@ def print_summary(summary: dict) -> None:
               f"{latency['candidate_p99_ms']:.1f} ms")
     deciding = f" ({canary['deciding_gate']})" if canary.get("deciding_gate") else ""
     print(f"  canary decision: {canary.get('status', '-')}{deciding}")
+    watch = summary.get("watch")
+    if watch:
+        observed = (watch.get("result") or {}).get("observed") or {}
+        baseline = watch.get("baseline") or {}
+        print(f"  post-promotion watch of {watch['version']}: {watch['status']} after {observed.get('events', 0)} events; "
+              f"mean confidence {_fmt(baseline.get('mean_confidence'))} ({watch['previous']}, last windows) -> "
+              f"{_fmt(observed.get('mean_confidence'))}, accuracy estimate {_fmt(baseline.get('accuracy_estimate'))} -> "
+              f"{_fmt(observed.get('accuracy_estimate'))}")
 
 
 def run_demo(config_path: str | Path, *, quick: bool = False, keep_state: bool = False,
