@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from monitor.webui import approval_page
 from retrain.jobs import approve_run, reject_run
 
 logger = logging.getLogger(__name__)
+
+# Seconds a client is asked to wait before it posts again to a sidecar that is still starting.
+STARTUP_RETRY_AFTER_S = 5
 
 
 def load_token(auth: AuthConfig) -> str | None:
@@ -73,10 +77,14 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
+        if daemon.draining:
+            return JSONResponse({"status": "draining", "reason": "the sidecar is shutting down"}, status_code=503)
         if daemon.ready:
             return {"status": "ready", "active_version": daemon.active_name}
-        return JSONResponse({"status": "starting" if daemon.startup_error is None else "failed",
-                             "error": daemon.startup_error}, status_code=503)
+        if daemon.startup_error is not None:
+            return JSONResponse({"status": "failed", "reason": "startup failed", "error": daemon.startup_error},
+                                status_code=503)
+        return JSONResponse({"status": "starting", "reason": daemon.startup_phase, "error": None}, status_code=503)
 
     @app.get("/ui", include_in_schema=False)
     def ui():
@@ -84,20 +92,32 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
 
     @app.get("/ui/", include_in_schema=False)
     def ui_with_slash():
-        # Relative, so a proxy's path prefix survives; the page fetches the API by relative paths.
+        # A relative Location keeps a proxy's path prefix, and the page fetches the API by relative paths too.
         return RedirectResponse("../ui", status_code=308)
 
     @app.get("/metrics")
     def metrics():
         return Response(generate_latest(daemon.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def not_ready() -> JSONResponse:
-        return JSONResponse({"error": "monitor is not ready yet", "startup_error": daemon.startup_error}, status_code=503)
+    def not_ready() -> JSONResponse | None:
+        """Return the 503 answer of ingest while the sidecar starts or shuts down, else None."""
+        if daemon.draining:
+            # Retry-After is a hint: a replacement sidecar is usually up within one grace period.
+            retry = str(math.ceil(daemon.config.monitor.shutdown_grace_s))
+            return JSONResponse({"error": "the sidecar is shutting down and accepts no more events or labels; "
+                                          "send them again after Retry-After seconds, to its replacement"},
+                                status_code=503, headers={"Retry-After": retry})
+        if not daemon.ready:
+            return JSONResponse({"error": f"monitor is not ready yet ({daemon.startup_phase})",
+                                 "startup_error": daemon.startup_error}, status_code=503,
+                                headers={"Retry-After": str(STARTUP_RETRY_AFTER_S)})
+        return None
 
     @app.post("/v1/events")
     async def post_events(request: Request):
-        if not daemon.ready:
-            return not_ready()
+        refused = not_ready()
+        if refused is not None:
+            return refused
         body = await _json_body(request)
         # Store writes and promotions block, so they run off the event loop.
         result = await run_in_threadpool(daemon.ingest_events, body)
@@ -110,8 +130,9 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
 
     @app.post("/v1/labels")
     async def post_labels(request: Request):
-        if not daemon.ready:
-            return not_ready()
+        refused = not_ready()
+        if refused is not None:
+            return refused
         body = await _json_body(request)
         result = await run_in_threadpool(daemon.ingest_labels, body)
         payload = {

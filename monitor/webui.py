@@ -575,7 +575,7 @@ function renderAudit(entries) {
   if (!entries.length) return el("p", { class: "muted" }, "-");
   return el("div", { id: "audit" }, table(["Time", "Actor", "Action", "Version", "Detail"], entries.map((entry) =>
     row([el("span", { class: "nowrap" }, timestamp(entry.timestamp)), text(entry.actor), text(entry.action), text(entry.version), auditDetail(entry.detail)],
-      [false, false, false, false, false], { "data-action": text(entry.action) })));
+      [false, false, false, false, false], { "data-action": text(entry.action) }))));
 }
 
 function setUpInputs() {

@@ -37,9 +37,6 @@ from retrain.bootstrap import bootstrap
 from retrain.jobs import RetrainJob
 from tests.conftest import post_labelled_events, tiny_deployment_config
 
-# The module took 30-45 s on two shared CPU cores, mostly to bootstrap the tiny deployment.
-pytestmark = pytest.mark.slow
-
 TOKEN = "webui-token-5d1f"
 MARKUP = '<img src=x onerror="window.__xss = 1">'
 # Debian's package names; chromedriver must match the browser's major version.
@@ -244,6 +241,7 @@ def browser(tmp_path_factory):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path keeps Selenium Manager from looking for drivers online.
     driver = webdriver.Chrome(service=Service(executable_path=find_executable(DRIVER_PATHS, "chromedriver")),
                               options=options)
@@ -251,15 +249,32 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def page_errors(driver) -> list[str]:
+    """Return the browser console's errors since the last call, leaving out failed HTTP responses.
+
+    Script errors and Content-Security-Policy violations are reported here. The 401 and 409
+    responses that some tests provoke are network entries, and the page reports those itself.
+    """
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE" and entry.get("source") != "network"]
+
+
 @pytest.fixture()
 def page(browser, sidecar):
-    """The approval page freshly loaded, with empty token, name and selection."""
+    """Load the approval page with empty token, name and selection, and check the console for errors afterwards."""
+    from selenium.common.exceptions import TimeoutException
+
     url, _daemon, _runs = sidecar
     browser.get(f"{url}/ui")
     browser.execute_script("sessionStorage.clear()")
+    page_errors(browser)
     browser.get(f"{url}/ui")
-    wait_until(browser, lambda d: d.find_elements("css selector", "#runs tbody tr"))
-    return browser
+    try:
+        wait_until(browser, lambda d: d.find_elements("css selector", "#runs tbody tr"))
+    except TimeoutException:
+        pytest.fail(f"the run list did not appear; browser console: {page_errors(browser)}")
+    yield browser
+    assert page_errors(browser) == []
 
 
 def wait_until(driver, condition):
@@ -430,35 +445,6 @@ def test_wrong_token_shows_401(page, sidecar):
     assert not audit_entries(url, runs["review"], "run_approved")
 
 
-def test_approve_records_actor_and_comment(page, sidecar):
-    url, _daemon, runs = sidecar
-    run_id = runs["trained"]
-    open_run(page, run_id)
-    fill(page, "token", TOKEN)
-    fill(page, "actor", "alice")
-    fill(page, "comment", "gates look fine, shipping")
-    page.find_element("id", "approve").click()
-
-    message = decision_message(page)
-    assert message.startswith(f"Approved run {run_id}")
-    run = httpx.get(f"{url}/v1/retrains/{run_id}").json()
-    assert run["state"] == "active"
-    assert message.endswith(f"active version is now {run['promoted_version']}")
-    approved = audit_entries(url, run_id, "run_approved")
-    assert len(approved) == 1
-    assert approved[0]["actor"] == "alice"
-    assert approved[0]["detail"] == {"comment": "gates look fine, shipping"}
-
-    wait_until(page, lambda d: d.find_elements("css selector", '#audit tr[data-action="run_approved"]'))
-    audit_row = page.find_element("css selector", '#audit tr[data-action="run_approved"]').text
-    assert "alice" in audit_row
-    assert "comment: gates look fine, shipping" in audit_row
-    assert not page.find_elements("id", "approve")
-    assert TOKEN not in page.current_url
-    assert page.execute_script("return localStorage.length") == 0
-    assert page.execute_script("return sessionStorage.getItem('driftloop.apiToken')") == TOKEN
-
-
 def test_reject_records_actor_and_comment(page, sidecar):
     url, _daemon, runs = sidecar
     run_id = runs["review"]
@@ -505,6 +491,38 @@ def test_markup_renders_as_text(page, sidecar):
     assert f"manual {MARKUP}" in page.find_element("id", "detail").text
     assert not page.find_elements("tag name", "img")
     assert page.execute_script("return window.__xss === undefined")
+
+
+def test_approve_records_actor_and_comment(page, sidecar):
+    """Approve the trained run. This test runs last, because a promotion supersedes every other waiting run."""
+    url, _daemon, runs = sidecar
+    run_id = runs["trained"]
+    open_run(page, run_id)
+    fill(page, "token", TOKEN)
+    fill(page, "actor", "alice")
+    fill(page, "comment", "gates look fine, shipping")
+    page.find_element("id", "approve").click()
+
+    message = decision_message(page)
+    assert message.startswith(f"Approved run {run_id}")
+    run = httpx.get(f"{url}/v1/retrains/{run_id}").json()
+    assert run["state"] == "active"
+    assert message.endswith(f"active version is now {run['promoted_version']}")
+    approved = audit_entries(url, run_id, "run_approved")
+    assert len(approved) == 1
+    assert approved[0]["actor"] == "alice"
+    assert approved[0]["detail"] == {"comment": "gates look fine, shipping"}
+
+    wait_until(page, lambda d: d.find_elements("css selector", '#audit tr[data-action="run_approved"]'))
+    audit_row = page.find_element("css selector", '#audit tr[data-action="run_approved"]').text
+    assert "alice" in audit_row
+    assert "comment: gates look fine, shipping" in audit_row
+    assert not page.find_elements("id", "approve")
+    assert TOKEN not in page.current_url
+    assert page.execute_script("return localStorage.length") == 0
+    assert page.execute_script("return sessionStorage.getItem('driftloop.apiToken')") == TOKEN
+    markup_row = page.find_element("css selector", f'#runs tbody tr[data-run-id="{runs["markup"]}"]')
+    assert markup_row.find_elements("tag name", "td")[1].text == "superseded"
 
 
 def test_ui_without_browser(tmp_path):
