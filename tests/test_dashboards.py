@@ -49,6 +49,9 @@ def dashboard_queries(path: Path) -> list[tuple[str, str]]:
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable.get("type") == "query":
             queries.append((f"variable {variable['name']}", variable["query"]))
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if "expr" in annotation:
+            queries.append((f"annotation {annotation['name']}", annotation["expr"]))
     return queries
 
 
@@ -76,3 +79,28 @@ def test_panels_do_not_overlap():
                     assert (x, y) not in cells, f"{path.name}: {panel['title']!r} overlaps {cells[(x, y)]!r}"
                     cells[(x, y)] = panel["title"]
             assert grid["x"] + grid["w"] <= 24, f"{path.name}: {panel['title']!r} is wider than the grid"
+
+
+def test_dashboard_is_importable():
+    """Each dashboard has the fields Grafana's import needs and queries through its datasource variable."""
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for key in ("title", "uid", "schemaVersion", "panels"):
+            assert key in dashboard, f"{path.name} has no {key}"
+        variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource", path.name
+        assert variables["datasource"]["query"] == "prometheus", path.name
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name} repeats a panel id"
+        sources = [panel["datasource"] for panel in dashboard["panels"] if panel["type"] != "row"]
+        sources += [target["datasource"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+        sources += [annotation["datasource"] for annotation in dashboard.get("annotations", {}).get("list", [])]
+        for source in sources:
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, f"{path.name}: {source}"
+
+
+def test_dashboard_marks_version_changes():
+    dashboard = json.loads((DASHBOARDS / "driftloop.json").read_text())
+    expressions = [annotation.get("expr", "") for annotation in dashboard["annotations"]["list"]]
+    assert any("driftloop_active_version_info" in expr for expr in expressions)
+    assert any("driftloop_server_active_version_info" in expr for expr in expressions)
