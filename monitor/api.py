@@ -12,11 +12,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy.exc import DBAPIError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.config import AuthConfig
 from monitor.daemon import MonitorDaemon
 from monitor.errors import DriftloopError, NotFoundError
+from monitor.event_buffer import BufferFullError
+from monitor.store import DatabaseUnavailableError, is_connection_error
 from monitor.ingest import BatchError
 from monitor.webui import approval_page
 from retrain.jobs import approve_run, reject_run
@@ -71,6 +74,21 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         status = 400 if exc.field == "body" and str(exc.message).startswith("invalid JSON") else 422
         return JSONResponse({"error": str(exc), **exc.to_dict()}, status_code=status)
 
+    @app.exception_handler(BufferFullError)
+    @app.exception_handler(DatabaseUnavailableError)
+    async def _database_unavailable(_request: Request, exc: DriftloopError):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_request: Request, exc: DBAPIError):
+        # A lost database is the client's cue to retry; other driver errors are bugs.
+        if is_connection_error(exc):
+            logger.warning("request failed, database unreachable: %s", exc.orig or exc)
+            return JSONResponse({"error": "the database is unreachable; nothing was stored, retry later"},
+                                status_code=503, headers={"Retry-After": "5"})
+        logger.error("request failed with a database error", exc_info=exc)
+        return JSONResponse({"error": "internal database error; see the monitor log"}, status_code=500)
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
@@ -80,7 +98,8 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         if daemon.draining:
             return JSONResponse({"status": "draining", "reason": "the sidecar is shutting down"}, status_code=503)
         if daemon.ready:
-            return {"status": "ready", "active_version": daemon.active_name}
+            return {"status": "ready", "active_version": daemon.active_name, "leader": daemon.leadership.is_leader,
+                    "replica": daemon.leadership.replica, "buffered_events": len(daemon.event_buffer)}
         if daemon.startup_error is not None:
             return JSONResponse({"status": "failed", "reason": "startup failed", "error": daemon.startup_error},
                                 status_code=503)
@@ -202,6 +221,10 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         actor = str(body.get("by") or "api")
         try:
             approve_run(daemon.store, run_id, actor=actor, comment=str(body.get("comment", "")))
+            if not daemon.leadership.is_leader:
+                return JSONResponse({"run_id": run_id, "state": "approved",
+                                     "message": "approved; the leader replica promotes it at its next check"},
+                                    status_code=202)
             version = await run_in_threadpool(daemon.promote, run_id, actor)
         except DriftloopError as exc:
             return decision_error(exc)

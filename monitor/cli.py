@@ -43,7 +43,7 @@ def _open_registry(config: Config, *, create: bool = False):
                 "--config, or run `driftloop bootstrap` first"
             )
     store = Store(config.db_url)
-    return store, Registry(store, config.state_path)
+    return store, Registry(store, config.shared_path)
 
 
 def cmd_bootstrap(args) -> int:
@@ -101,6 +101,7 @@ def _http_server(app):
 def cmd_run(args) -> int:
     from monitor.api import create_app
     from monitor.daemon import MonitorDaemon, lock_state_dir
+    from monitor.shutdown import ShutdownDrain
     from retrain.notify import monitor_url
 
     config = _config(args)
@@ -116,15 +117,27 @@ def cmd_run(args) -> int:
             # Nothing retries a failed startup, so the process exits and its supervisor can restart it.
             server.should_exit = True
 
+        def force_stop() -> None:
+            server.should_exit = True
+            server.force_exit = True
+
+        # SIGTERM and SIGINT start the drain instead of stopping uvicorn at once, so /readyz and
+        # /metrics keep answering while it runs. uvicorn reads handle_exit when it installs its handlers.
+        drain = ShutdownDrain(daemon, config.monitor.shutdown_grace_s, on_done=stop_server, on_force=force_stop)
+        server.handle_exit = drain.handle_signal
+        server.config.timeout_graceful_shutdown = max(1, int(drain.close_s))
         daemon.start(background=True, on_failure=stop_server)
         try:
             _serve(server, sock, "monitor")
         finally:
-            daemon.stop()
+            daemon.stop(timeout_s=drain.remaining_s())
     finally:
         lock.close()
     if daemon.startup_error:
         print(f"driftloop: error: monitor startup failed: {daemon.startup_error}", file=sys.stderr)
+        return 1
+    if drain.forced:
+        print("driftloop: error: stopped by a second signal before the drain finished", file=sys.stderr)
         return 1
     return 0
 
@@ -229,7 +242,7 @@ def cmd_retrain(args) -> int:
     if active is None:
         raise DriftloopError("no active version to retrain from; run `driftloop bootstrap` first")
     # A run whose process died (a killed terminal, say) is closed here, as the daemon does at start.
-    recover_interrupted_runs(store, config.state_path)
+    recover_interrupted_runs(store, config.shared_path)
     running = store.runs(states=RUNNING_STATES, limit=1)
     if running:
         raise DriftloopError(f"retrain run {running[0]['id']} is {running[0]['state']}; wait for it or "
@@ -298,7 +311,7 @@ def cmd_cancel(args) -> int:
 
     config = _config(args)
     store, _ = _open_registry(config)
-    run = cancel_run(store, args.run_id, actor=args.by, comment=args.comment, state_dir=config.state_path)
+    run = cancel_run(store, args.run_id, actor=args.by, comment=args.comment, state_dir=config.shared_path)
     if run["state"] == "cancelling":
         print(f"run {run['id']}: cancel requested; its worker stops before the next training step")
     else:
@@ -348,6 +361,35 @@ def cmd_history(args) -> int:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["timestamp"]))
         print(f"{stamp}  {entry['action']:<20} actor={entry['actor']:<12} run={entry['run_id'] or '-'} "
               f"version={entry['version'] or '-'}  {json.dumps(entry['detail'])}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    """Print the schema revision of the configured database, or upgrade it to the newest."""
+    from monitor.migrations import current_revision, head_revision, legacy_revision
+    from monitor.store import Store, redacted_url
+
+    config = _config(args)
+    store = Store(config.db_url, migrate=args.action == "upgrade")
+    try:
+        current = current_revision(store.engine)
+        if current is None:
+            with store.engine.connect() as connection:
+                legacy = legacy_revision(connection)
+            if legacy is not None:
+                current = f"{legacy} (tables made before migrations, not stamped yet)"
+    finally:
+        store.close()
+    head = head_revision()
+    where = redacted_url(config.db_url)
+    if args.action == "upgrade":
+        print(f"{where}: schema at revision {current} (newest)")
+        return 0
+    if current == head:
+        print(f"{where}: schema at revision {current} (newest)")
+    else:
+        print(f"{where}: schema at revision {current or 'none'}; newest is {head}; run `driftloop db upgrade` "
+              "(`driftloop run` also upgrades at start-up)")
     return 0
 
 
@@ -421,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
     command("versions", help="list adapter versions; * marks the active one").set_defaults(func=cmd_versions)
 
+    database = command("db", help="show or upgrade the database schema revision (Alembic)")
+    database.add_argument("action", choices=["current", "upgrade"],
+                          help="current: print the revision; upgrade: migrate to the newest revision")
+    database.set_defaults(func=cmd_db)
+
     report = command("report", help="write a self-contained HTML report of one window against its reference")
     report.add_argument("--window", required=True, help="window id, as listed by GET /v1/windows")
     report.add_argument("--output", "-o", help="HTML file to write (default: <state_dir>/reports/<window>.html)")
@@ -442,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     # Model-load reports and progress bars would bury the daemon's own log lines.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for noisy in ("httpx", "apscheduler", "sentence_transformers", "peft"):
+    for noisy in ("httpx", "apscheduler", "sentence_transformers", "peft", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

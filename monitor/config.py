@@ -75,13 +75,13 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     base: str = Field(BUNDLED_MODEL, description="Base classifier: 'minilm', a Hugging Face id or a local path.")
     max_length: int = Field(64, ge=8, le=4096, description="Tokens kept per text; longer texts are truncated.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of the classifier: auto takes CUDA when present, else the CPU.")
     num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads; null keeps torch's default.")
 
 
 class EmbeddingConfig(_Section):
     model: str = Field(BUNDLED_MODEL, description="Sentence-embedding model: 'minilm', a Hugging Face id or a local path.")
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="Texts per forward pass of the embedding model.")
 
 
 class Clinc150Config(_Section):
@@ -89,34 +89,34 @@ class Clinc150Config(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["clinc150", "files"] = "clinc150"
+    source: Literal["clinc150", "files"] = Field("clinc150", description="clinc150: the bundled benchmark, read from $DRIFTLOOP_DATA or downloaded once; files: train_path and the optional splits.")
     clinc150: Clinc150Config = Clinc150Config()
-    train_path: str | None = None
-    validation_path: str | None = None
-    test_path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    train_path: str | None = Field(None, description="files: JSONL or CSV training file with the text and label columns.")
+    validation_path: str | None = Field(None, description="files: validation file; null splits one off the training file.")
+    test_path: str | None = Field(None, description="files: test file; null splits one off the training file.")
+    text_column: str = Field("text", description="Column (CSV) or key (JSONL) holding the text.")
+    label_column: str = Field("label", description="Column (CSV) or key (JSONL) holding the label.")
     extra_labels: list[str] = Field(default_factory=list, description="Labels the head has beyond those in the training file.")
     per_label_limit: int | None = Field(None, ge=1, description="Cap on training examples per label at bootstrap; null keeps all.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the data splits and of the per-label sampling.")
 
 
 class TrainingConfig(_Section):
     rank: int = Field(8, ge=1, le=512, description="LoRA rank; the rank sweep, when on, chooses it instead.")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha at this rank; swept ranks keep the alpha/rank ratio.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA layers.")
     target_modules: list[str] | None = Field(None, description="Layers LoRA adapts; null takes PEFT's default for the architecture.")
-    learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
-    epochs: int = Field(5, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(5e-3, gt=0.0, le=1.0, description="Peak AdamW learning rate of the linear schedule.")
+    epochs: int = Field(5, ge=1, le=1000, description="Passes over the training data, unless max_steps, max_wall_time_s or early stopping end training first.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Examples per optimiser step.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the steps with a linearly rising learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps at most per training run; null = epochs decide.")
     max_wall_time_s: float | None = Field(None, gt=0.0, description="Seconds of training at most, rank sweep included; the best weights so far are kept.")
     early_stopping_patience: int = Field(2, ge=1, le=1000, description="Evaluations without a lower validation loss before training stops.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less GPU memory, about 30% more time.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of weight initialisation and batch order; the same seed gives the same metrics on the CPU.")
     num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads while training; null = all cores but one inside the sidecar.")
 
     @field_validator("target_modules")
@@ -147,26 +147,30 @@ class SweepConfig(_Section):
 
 
 class MonitorConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8081, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Listen address of the sidecar; 0.0.0.0 listens on every interface, as in a pod.")
+    port: int = Field(8081, ge=1, le=65535, description="Listen port of the sidecar.")
     window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has exactly this many.")
     sample_size: int = Field(500, ge=10, description="Events kept per window (reservoir sample) for the tests.")
     check_interval_s: float = Field(5.0, gt=0.0, description="Seconds between scheduler runs that evaluate closed windows.")
     max_batch: int = Field(1000, ge=1, description="Events accepted in one POST /v1/events.")
-    max_text_chars: int = Field(10000, ge=1)
+    max_text_chars: int = Field(10000, ge=1, description="Longest event text accepted, in characters; longer events are rejected.")
     max_pending_windows: int = Field(20, ge=1, description="Closed windows waiting for evaluation; older ones are dropped and counted.")
     pending_label_ttl_s: float = Field(3600.0, gt=0.0, description="Seconds a label waits for its event before it is dropped and counted.")
     max_pending_labels: int = Field(100000, ge=0, description="Labels waiting for their events; beyond this, labels for unknown ids are rejected.")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="Seconds from SIGTERM to exit: ingest answers 503, a running retrain is cancelled, closed windows "
+                    "are evaluated while time remains. Set Kubernetes terminationGracePeriodSeconds above it.")
 
 
 class VocabularyConfig(_Section):
     null_windows: int = Field(600, ge=19, description="Reference windows drawn for the JS-divergence null; see min_resamples.")
-    new_token_min_count: int = Field(3, ge=1)
+    new_token_min_count: int = Field(3, ge=1, description="Occurrences in a window before a token unseen in the reference is reported as new.")
 
 
 class EmbeddingDetectorConfig(_Section):
     permutations: int = Field(600, ge=19, description="Permutations of the MMD test; see min_resamples.")
-    reference_sample: int = Field(500, ge=30)
+    reference_sample: int = Field(500, ge=30, description="Reference embeddings drawn for the MMD test.")
     exact_max_points: int = Field(2000, ge=10, description="Largest reference plus window sample tested with the exact kernel matrix; larger ones use random Fourier features.")
     random_features: int = Field(512, ge=16, le=65536, description="Random Fourier features of the approximate MMD test.")
 
@@ -194,13 +198,13 @@ class LabelDistributionConfig(_Section):
 
 class ConfidenceConfig(_Section):
     max_drop: float = Field(0.1, gt=0.0, le=1.0, description="Drop in mean max-softmax against the reference that counts as drift.")
-    low_confidence_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    low_confidence_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Max-softmax below which a prediction counts as low-confidence in the report.")
 
 
 class DetectorsConfig(_Section):
     alpha: float = Field(0.001, gt=0.0, lt=1.0, description="Family-wise significance level per window (Bonferroni across signals).")
-    min_samples: int = Field(30, ge=5)
-    enabled: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGNALS))
+    min_samples: int = Field(30, ge=5, description="Sampled events a window needs to be tested; smaller windows report insufficient_data.")
+    enabled: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGNALS), description="Signals tested per window; also available: domain_classifier, label_distribution.")
     effect_floors: dict[str, float] = Field(
         default_factory=dict,
         description="Smallest statistic that may raise drift, per p-value signal (token_length: KS D, "
@@ -214,7 +218,7 @@ class DetectorsConfig(_Section):
     novelty: NoveltyConfig = NoveltyConfig()
     domain_classifier: DomainClassifierConfig = DomainClassifierConfig()
     label_distribution: LabelDistributionConfig = LabelDistributionConfig()
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the window reservoirs, permutations and calibration draws.")
 
     @field_validator("effect_floors")
     @classmethod
@@ -295,12 +299,12 @@ class PostPromotionConfig(_Section):
 
 
 class ServerConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Listen address of driftloop serve; the sidecar also reaches the server here to ask for a reload.")
+    port: int = Field(8080, ge=1, le=65535, description="Listen port of driftloop serve.")
     monitor_url: str | None = Field("http://127.0.0.1:8081", description="Where the server sends prediction events; null disables sending.")
-    max_batch: int = Field(256, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    poll_interval_s: float = Field(1.0, gt=0.0)
+    max_batch: int = Field(256, ge=1, description="Texts accepted in one POST /v1/classify.")
+    max_text_chars: int = Field(2000, ge=1, description="Longest text accepted by the server, in characters.")
+    poll_interval_s: float = Field(1.0, gt=0.0, description="Seconds between the server's reads of the active version.")
 
     @field_validator("monitor_url")
     @classmethod
@@ -311,6 +315,28 @@ class ServerConfig(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host, such as http://127.0.0.1:8081, or null")
         return value
+
+
+class ResourcesConfig(_Section):
+    inference_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="torch CPU threads of the sidecar for window embeddings and profile builds; null keeps torch's "
+                    "default (one per core). A running retrain uses retrain.training.num_threads instead.")
+    blas_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="Threads of the OpenMP and BLAS pools of numpy and scikit-learn, set through threadpoolctl; null "
+                    "leaves them as OMP_NUM_THREADS or the library default sets them.")
+    tokenizers_parallelism: bool = Field(
+        False, description="Let the Hugging Face tokenizers library use its own thread pool (TOKENIZERS_PARALLELISM).")
+    memory_soft_limit_mb: int | None = Field(
+        None, ge=64,
+        description="Resident memory of the sidecar in MiB above which new retrains are refused and a warning is "
+                    "logged; null disables the check. It caps nothing: the container's memory limit is the hard limit.")
+    embedding_max_texts_per_s: float | None = Field(
+        None, gt=0.0,
+        description="CPU budget of window embeddings: texts embedded per second of traffic. A window that filled in "
+                    "T seconds tests at most this times T of its sampled texts (never fewer than detectors.min_samples); "
+                    "null tests the whole sample.")
 
 
 class AuthConfig(_Section):
@@ -451,9 +477,26 @@ class NotifyConfig(_Section):
         return value
 
 
+class DatabaseConfig(_Section):
+    connect_attempts: int = Field(10, ge=1, le=10000, description="Attempts to reach the database at start-up; then the process exits with an error.")
+    connect_backoff_initial_s: float = Field(1.0, gt=0.0, description="Seconds before the second attempt; each later wait doubles.")
+    connect_backoff_max_s: float = Field(30.0, gt=0.0, description="Longest wait in seconds between two attempts.")
+    buffer_events: int = Field(10000, ge=0, description="Events held in memory while the database is unreachable, written when it returns; when full, POST /v1/events answers 503.")
+
+    @field_validator("connect_backoff_max_s")
+    @classmethod
+    def _backoff_order(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("connect_backoff_initial_s")
+        if initial is not None and value < initial:
+            raise ValueError(f"is below connect_backoff_initial_s ({initial}); allowed: at least connect_backoff_initial_s")
+        return value
+
+
 class Config(_Section):
-    state_dir: str = Field("./state", description="Adapters, reference profiles and the SQLite database live here.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; null means SQLite at <state_dir>/driftloop.db.")
+    state_dir: str = Field("./state", description="Folder of this replica: its lock, the bootstrap cache, reports and the SQLite database.")
+    shared_dir: str | None = Field(None, description="Folder every replica reaches at the same path (a shared volume): adapter versions, reference profiles and retraining work folders; null means state_dir.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; null means SQLite at <state_dir>/driftloop.db. Replicas share one PostgreSQL database, e.g. postgresql+psycopg://user:password@host:5432/driftloop.")
+    database: DatabaseConfig = DatabaseConfig()
     cache_dir: str | None = Field(None, description="Cache of trained bootstrap adapters; null means <state_dir>/cache.")
     approval: Literal["manual", "auto-if-gates-pass", "auto"] = Field(
         "manual",
@@ -475,6 +518,7 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     notify: NotifyConfig = NotifyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
     # Paths are resolved against the config file's folder, so a config works
     # from any working directory.
@@ -501,6 +545,11 @@ class Config(_Section):
     @property
     def state_path(self) -> Path:
         return self.resolve_path(self.state_dir)
+
+    @property
+    def shared_path(self) -> Path:
+        """Folder of the files the database points to by path: adapters, profiles and run work folders."""
+        return self.resolve_path(self.shared_dir) if self.shared_dir else self.state_path
 
     @property
     def cache_path(self) -> Path:
@@ -576,9 +625,95 @@ REPLACED_KEYS = {
 }
 
 
-def _format_error(error: dict[str, Any]) -> str:
+ENV_PREFIX = "DRIFTLOOP_"
+# Keys whose value may carry a password, so an error never repeats a value taken from the environment.
+SECRET_KEYS = ("database_url",)
+
+
+def config_fields(model: type[BaseModel] | None = None, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Yield (dotted key, pydantic field) for every key of the config, sections included, in file order."""
+    model = model or Config
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        key = prefix + name
+        yield key, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from config_fields(field.annotation, key + ".")
+
+
+def is_section(field: Any) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def is_scalar(field: Any) -> bool:
+    """True for a key that holds one string, number or boolean (possibly null), not a list, mapping or section."""
+    text = str(field.annotation)
+    return not is_section(field) and not any(kind in text for kind in ("list", "dict"))
+
+
+def env_variable(key: str) -> str:
+    """Return the environment variable that overrides ``key``: DRIFTLOOP_ and the key in capitals, dots as __."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def environment_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str | None]]:
+    """Return {dotted key: (variable, value)} for the DRIFTLOOP_ variables that name a scalar config key.
+
+    An empty variable is ignored and ``null`` means null. Other DRIFTLOOP_ variables without
+    a double underscore (DRIFTLOOP_DATA, DRIFTLOOP_API_TOKEN) belong to other parts and are left
+    alone. One with a double underscore can only be meant for a nested key, so an unknown one raises
+    ConfigError naming the variable.
+    """
+    scalars = {env_variable(key): key for key, field in config_fields() if is_scalar(field)}
+    overrides = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or environ[name] == "":
+            continue
+        key = scalars.get(name)
+        if key is None:
+            if "__" in name:
+                raise ConfigError(
+                    f"environment variable {name} names no config key that takes one value; nested keys are set as "
+                    "DRIFTLOOP_<SECTION>__<KEY>, such as DRIFTLOOP_SERVER__MONITOR_URL, and lists only in the file")
+            continue
+        raw = environ[name]
+        overrides[key] = (name, None if raw.strip().lower() == "null" else raw)
+    return overrides
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, tuple[str, str | None]], source: str) -> None:
+    """Write each override into ``data``, a copy of the file's mapping, creating sections as needed."""
+    for key, (variable, value) in overrides.items():
+        *sections, leaf = key.split(".")
+        target = data
+        for depth, section in enumerate(sections):
+            child = target.get(section)
+            if child is None:
+                child = target[section] = {}
+            elif not isinstance(child, dict):
+                dotted = ".".join(sections[:depth + 1])
+                raise ConfigError(f"invalid config {source}: {dotted} must be a mapping to take {variable}")
+            else:
+                child = target[section] = dict(child)
+            target = child
+        target[leaf] = value
+
+
+def _name_variables(line: str, variables: dict[str, str]) -> str:
+    """Add the environment variable to a message about a key that the environment set."""
+    for key, variable in variables.items():
+        if line.startswith(key + ":"):
+            return f"{key} (from {variable}):" + line[len(key) + 1:]
+    return line
+
+
+def _format_error(error: dict[str, Any], variables: dict[str, str] | None = None) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
+    if variables and key in variables:
+        shown = "(not shown)" if key in SECRET_KEYS else repr(error.get("input"))
+        return f"{key} (from {variables[key]}): invalid value {shown}: {message}"
     if error["type"] == "extra_forbidden" and key in REPLACED_KEYS:
         return f"{key}: this key was removed (value {error['input']!r}); {REPLACED_KEYS[key]}"
     if error["type"] == "extra_forbidden":
@@ -589,29 +724,43 @@ def _format_error(error: dict[str, Any]) -> str:
     return f"{key}: invalid value {error.get('input')!r}: {message}"
 
 
-def parse_config(raw: dict[str, Any] | None, *, base_dir: str | Path = ".", source: str = "<dict>") -> Config:
-    """Validate a config mapping; raise ConfigError naming every invalid key."""
+def parse_config(raw: dict[str, Any] | None, *, base_dir: str | Path = ".", source: str = "<dict>",
+                 environ: dict[str, str] | None = None) -> Config:
+    """Validate a config mapping; raise ConfigError naming every invalid key.
+
+    With ``environ``, its DRIFTLOOP_ variables override scalar keys (see ``environment_overrides``),
+    and an error about such a key names the variable.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     data = dict(raw)
+    overrides = environment_overrides(environ) if environ is not None else {}
+    _apply_overrides(data, overrides, source)
+    variables = {key: variable for key, (variable, _value) in overrides.items()}
     data["base_dir"] = str(base_dir)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(error) for error in exc.errors()]
+        lines = [_format_error(error, variables) for error in exc.errors()]
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
-    lines = _cross_field_errors(config)
+    lines = [_name_variables(line, variables) for line in _cross_field_errors(config)]
     if lines:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
     return config
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Load and validate a YAML config file; ``None`` gives the built-in defaults."""
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate a YAML config file; ``None`` gives the built-in defaults.
+
+    DRIFTLOOP_<KEY> variables of ``environ`` (default: the process environment) override the
+    file's scalar keys, with __ between nested keys, such as DRIFTLOOP_SERVER__MONITOR_URL.
+    """
+    if environ is None:
+        environ = dict(os.environ)
     if path is None:
-        return parse_config({}, base_dir=os.getcwd())
+        return parse_config({}, base_dir=os.getcwd(), source="<defaults>", environ=environ)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -619,4 +768,4 @@ def load_config(path: str | Path | None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return parse_config(raw, base_dir=path.resolve().parent, source=str(path))
+    return parse_config(raw, base_dir=path.resolve().parent, source=str(path), environ=environ)

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -23,16 +24,20 @@ from typing import Any, Callable, TextIO
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import DBAPIError
 
 from monitor.config import Config, resolve_model_path
 from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
 from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
-from monitor.metrics import RUN_STATES, MonitorMetrics
+from monitor.metrics import CANARY_STATUSES, RUN_STATES, MonitorMetrics
 from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
+from monitor.resources import MemoryWatch, ResourceMetrics, apply_thread_limits, embedding_cap, limit_sample
 from monitor.sampling import Observation, WindowSampler
-from monitor.store import Store
+from monitor.event_buffer import EventBuffer
+from monitor.leader import Leadership
+from monitor.store import DatabaseUnavailableError, is_connection_error, open_store
 from retrain.assembly import in_holdout
 from retrain.jobs import RUNNING_STATES, WAITING_STATES, RetrainJob, cancel_run, recover_interrupted_runs, run_owner
 from retrain.notify import Notifier
@@ -112,10 +117,19 @@ def new_window_id() -> str:
 class MonitorDaemon:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None):
         self.config = config
-        self.store = Store(config.db_url)
-        self.registry = Registry(self.store, config.state_path)
+        database = config.database
+        self.store = open_store(config.db_url, attempts=database.connect_attempts,
+                                initial_delay_s=database.connect_backoff_initial_s,
+                                max_delay_s=database.connect_backoff_max_s)
+        self.registry = Registry(self.store, config.shared_path)
         self.metrics = MonitorMetrics(registry)
+        self.metrics.record_config(config)
         self.notifier = Notifier(config.notify, self.store, self.metrics)
+        self.leadership = Leadership(self.store, self.metrics.registry)
+        self.leading = False
+        self.event_buffer = EventBuffer(config.database.buffer_events, self.metrics.registry)
+        # Windows of every replica that the leader has made its decisions on: id -> evaluation time.
+        self.decided_windows: dict[str, float] = {}
         self.ready = False
         self.startup_error: str | None = None
         self.lock = threading.RLock()
@@ -130,6 +144,7 @@ class MonitorDaemon:
         self.dataset = None
         self.window = self._open_window(None)
         self.pending: deque[OpenWindow] = deque()
+        self.metrics.windows_pending.set_function(lambda: len(self.pending))
         self.policy = TriggerPolicy(config.trigger.consecutive_windows, config.trigger.min_labels,
                                     config.trigger.cooldown_s, clear_windows=config.trigger.clear_windows)
         self.job_thread: threading.Thread | None = None
@@ -138,6 +153,13 @@ class MonitorDaemon:
         # Audit id of the last rollback counted in the metrics; older ones happened before this process.
         self.rollbacks_seen = self.store.last_audit_id()
         self.scheduler = BackgroundScheduler(daemon=True)
+        # Set by monitor.shutdown on SIGTERM: ingest answers 503 and no retrain starts.
+        self.draining = False
+        self.startup_phase = "waiting to start"
+        # Held by each tick, so the shutdown drain evaluates windows only after a running tick ends.
+        self.tick_lock = threading.Lock()
+        self.resource_metrics = ResourceMetrics(self.metrics.registry)
+        self.memory = MemoryWatch(config.resources.memory_soft_limit_mb, self.resource_metrics)
 
     # Lifecycle
 
@@ -150,18 +172,23 @@ class MonitorDaemon:
 
     def _load(self, on_failure: Callable[[], None] | None = None) -> None:
         try:
-            self._recover_runs()
+            logger.info("thread limits: %s", apply_thread_limits(self.config.resources))
+            self.startup_phase = "closing runs interrupted by an earlier process"
+            self._refresh_leadership()
             from transformers import AutoTokenizer
 
             from monitor.embedding import Embedder
             from retrain.datasets import dataset_from_config
 
+            self.startup_phase = "loading the data set"
             self.dataset = dataset_from_config(self.config)
+            self.startup_phase = "loading the tokenizer and the embedding model"
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.model.base))
             self.embedder = Embedder(resolve_model_path(self.config.embedding.model), batch_size=self.config.embedding.batch_size)
             active = self.registry.active()
             if active is None:
                 raise RegistryError("no active adapter version; run `driftloop bootstrap` first")
+            self.startup_phase = f"loading the reference profile of version {active.name}"
             self._activate_reference(active.name)
             self.scheduler.add_job(self.tick, "interval", seconds=self.config.monitor.check_interval_s,
                                    max_instances=1, coalesce=True, id="driftloop-check")
@@ -170,6 +197,8 @@ class MonitorDaemon:
             logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
             self.notifier.start()
             self.scheduler.start()
+            self.memory.check()
+            self.startup_phase = "ready"
             self.ready = True
             logger.info("monitor ready: active version %s, %d labels", self.active_name, len(self.labels))
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
@@ -178,18 +207,22 @@ class MonitorDaemon:
             if on_failure is not None:
                 on_failure()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the schedule, cancel a running retrain and wait up to ``timeout_s`` for its worker."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.cancel_requested.set()
         if self.job_thread is not None:
-            self.job_thread.join(timeout=30)
+            self.job_thread.join(timeout=max(timeout_s, 0.0))
         self.notifier.stop()
+        self.leadership.release()
+        if len(self.event_buffer):
+            logger.error("stopping with %d events not written: the database was unreachable", len(self.event_buffer))
         self.store.close()
         logger.info("monitor daemon stopped")
 
     def _recover_runs(self) -> None:
-        for run in recover_interrupted_runs(self.store, self.config.state_path):
+        for run in recover_interrupted_runs(self.store, self.config.shared_path):
             self.metrics.retrain_runs.labels(run["state"]).inc()
 
     def _activate_reference(self, name: str) -> None:
@@ -219,7 +252,8 @@ class MonitorDaemon:
         self.metrics.active_version.info({"version": name})
         watch = self.store.watch(name)
         self.metrics.post_promotion_watching.set(1 if watch and watch["status"] == promotion_watch.WATCHING else 0)
-        self.metrics.reference_confidence.set(float(profile.val_confidences.mean()) if len(profile.val_confidences) else float("nan"))
+        self.metrics.record_reference(float(profile.val_confidences.mean()) if len(profile.val_confidences) else None,
+                                      evaluator.accuracy_estimator.validation_accuracy_)
 
     def _open_window(self, version: str | None) -> OpenWindow:
         return OpenWindow(new_window_id(), WindowSampler(self.config.monitor.sample_size, seed=self.config.detectors.seed), version)
@@ -237,7 +271,7 @@ class MonitorDaemon:
             return result
         with self.lock:
             # Ingest is serialised by the lock, so the ids checked here are still new at insert.
-            existing = self.store.known_event_ids([row["id"] for row in result.valid])
+            existing, reachable = self._known_event_ids([row["id"] for row in result.valid])
             fresh = [row for row in result.valid if row["id"] not in existing]
             for row in fresh:
                 # A window closes at exactly window_size events, even in the middle of a batch.
@@ -248,9 +282,11 @@ class MonitorDaemon:
                 ))
                 if self.window.sampler.count >= self.config.monitor.window_size:
                     self._close_window()
-            inserted, duplicates, labelled = self.store.insert_events(fresh)
+            inserted, duplicates, labelled = self._insert_events(fresh, reachable)
             self.metrics.window_events.set(self.window.sampler.count)
         self.metrics.events_received.inc(inserted)
+        if inserted:
+            self.metrics.last_event_received.set_to_current_time()
         if labelled:
             self.metrics.labels_pending.dec(labelled)
         result.duplicates = sorted(existing | set(duplicates))
@@ -266,7 +302,66 @@ class MonitorDaemon:
             logger.warning("evaluation is behind: dropped closed window %s (%d events)", dropped.id, dropped.sampler.count)
         self.window = self._open_window(self.active_name)
 
+    def _known_event_ids(self, ids: list[str]) -> tuple[set[str], bool]:
+        """Return (ids stored or buffered, whether the database answered).
+
+        Buffered events are written first, so they stay in arrival order. With the
+        database unreachable, raises BufferFullError when the batch does not fit.
+        """
+        buffered = {event_id for event_id in ids if self.event_buffer.contains(event_id)}
+        try:
+            self.event_buffer.flush(self.store)
+            return self.store.known_event_ids(ids), True
+        except DBAPIError as exc:
+            if not is_connection_error(exc):
+                raise
+            self._count_store_error("ingest_events", exc)
+            self.event_buffer.check_room(len(ids) - len(buffered), self.store)
+            return buffered, False
+
+    def _insert_events(self, rows: list[dict[str, Any]], reachable: bool) -> tuple[int, list[str], int]:
+        """Store ``rows``, or hold them in the event buffer while the database is unreachable."""
+        if reachable:
+            try:
+                return self.store.insert_events(rows)
+            except DBAPIError as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._count_store_error("ingest_events", exc)
+        # NOTE: when the database fails between the id check and the insert, the batch is held even
+        # if it overfills the buffer (by one batch at most), because its events are already in the window.
+        if rows:
+            self.event_buffer.add(rows)
+        return len(rows), [], 0
+
+    def _count_store_error(self, operation: str, exc: DBAPIError) -> None:
+        self.event_buffer.errors.labels(operation).inc()
+        logger.warning("database unreachable during %s: %s", operation, str(exc.orig or exc).strip().splitlines()[0])
+
+    def _flush_event_buffer(self) -> None:
+        if not len(self.event_buffer):
+            return
+        with self.lock:
+            try:
+                self.event_buffer.flush(self.store)
+            except DBAPIError as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._count_store_error("flush_buffer", exc)
+
     def ingest_labels(self, body: Any) -> LabelResult:
+        """Store delayed labels; a database that cannot be reached is an error to the caller, never a silent loss."""
+        try:
+            return self._ingest_labels(body)
+        except DBAPIError as exc:
+            if not is_connection_error(exc):
+                raise
+            self._count_store_error("ingest_labels", exc)
+            raise DatabaseUnavailableError(
+                "the database is unreachable, so no label of this request was stored; resend them later"
+            ) from None
+
+    def _ingest_labels(self, body: Any) -> LabelResult:
         """Attach delayed labels to stored events; keep labels for events not stored yet as pending."""
         with self.lock:
             labels = list(self.labels)
@@ -294,6 +389,8 @@ class MonitorDaemon:
             result.pending = len(waiting)
             self.metrics.labels_pending.set(pending_total)
         self.metrics.labels_received.inc(result.accepted + result.pending)
+        if result.accepted + result.pending:
+            self.metrics.last_label_received.set_to_current_time()
         if result.errors:
             self.metrics.labels_rejected.inc(len(result.errors))
         return result
@@ -310,24 +407,83 @@ class MonitorDaemon:
     # Scheduled work
 
     def tick(self) -> None:
+        with self.tick_lock:
+            self._tick()
+
+    def _tick(self) -> None:
         try:
+            self.memory.check()
+            leader = self._refresh_leadership()
+            self._flush_event_buffer()
             self._follow_registry()
-            self._promote_approved()
-            self._recheck_waiting_runs()
+            if leader:
+                self._promote_approved()
+                self._recheck_waiting_runs()
             self._expire_pending_labels()
             while True:
                 with self.lock:
                     if not self.pending:
                         break
                     window = self.pending.popleft()
-                self._evaluate(window)
-            self.notifier.check_pending()
+                try:
+                    self._evaluate(window)
+                except DBAPIError as exc:
+                    if is_connection_error(exc):
+                        # Evaluated again at the next check, when the database may be back.
+                        with self.lock:
+                            self.pending.appendleft(window)
+                    raise
+            if leader:
+                self._decide_windows()
+                self.notifier.check_pending()
             # Runs started by `driftloop retrain` in a terminal show up here too.
             latest = self.store.runs(limit=1)
             if latest and not self.job_running() and latest[0]["state"] in RUN_STATES:
                 self.metrics.retrain_state.state(latest[0]["state"])
+        except DBAPIError as exc:
+            if not is_connection_error(exc):
+                logger.exception("scheduled check failed")
+                return
+            self._count_store_error("scheduled_check", exc)
         except Exception:  # noqa: BLE001 - one failed check must not stop the schedule
             logger.exception("scheduled check failed")
+
+    # Leadership among replicas
+
+    def _decision_horizon_s(self) -> float:
+        """Seconds back, in evaluation time, the leader looks for windows it has not decided on yet."""
+        return max(600.0, 10 * self.config.monitor.check_interval_s)
+
+    def _refresh_leadership(self) -> bool:
+        """Keep or try the leadership; a replica that becomes leader closes the runs its predecessor left."""
+        leader = self.leadership.refresh()
+        if leader and not self.leading:
+            self._recover_runs()
+            # Windows evaluated before this replica led were the previous leader's to decide on.
+            since = time.time() - self._decision_horizon_s()
+            self.decided_windows = {window["window_id"]: window["evaluated_at"]
+                                    for window in self.store.windows_evaluated_since(since)}
+        self.leading = leader
+        return leader
+
+    def _decide_windows(self) -> None:
+        """Apply the post-promotion watch and the trigger policy to new windows of every replica, by end time."""
+        since = time.time() - self._decision_horizon_s()
+        self.decided_windows = {key: at for key, at in self.decided_windows.items() if at >= since}
+        # NOTE: evaluation times come from each replica's clock; one that lags by more than the
+        # horizon stores windows the leader never decides on.
+        for window in self.store.windows_evaluated_since(since):
+            if window["window_id"] in self.decided_windows:
+                continue
+            self.decided_windows[window["window_id"]] = window["evaluated_at"]
+            if window["version"] != self.active_name:
+                # A window of the previous version is no evidence about the new one.
+                continue
+            if self._judge_watch(window["version"]):
+                continue
+            report = SimpleNamespace(started_at=window["started_at"], status=window["status"],
+                                     drifted=window["drifted"], drifted_signals=window.get("drifted_signals", []))
+            self._apply_policy(window["window_id"], report)
 
     def _follow_registry(self) -> None:
         """Reload the reference when the active version changed outside this process (CLI rollback)."""
@@ -342,7 +498,11 @@ class MonitorDaemon:
 
     def _evaluate(self, window: OpenWindow) -> None:
         started = time.time()
-        report = self.evaluator.evaluate(window.id, window.sampler)
+        sampler = window.sampler
+        span = (sampler.last_at or started) - (sampler.started_at or started)
+        cap = embedding_cap(self.config.resources.embedding_max_texts_per_s, span,
+                            sample_size=self.config.monitor.sample_size, min_samples=self.config.detectors.min_samples)
+        report = self.evaluator.evaluate(window.id, limit_sample(sampler, cap, seed=self.config.detectors.seed))
         self.metrics.evaluation_seconds.observe(time.time() - started)
         labelled, accuracy = self.store.window_accuracy(window.id)
         data = report.to_dict()
@@ -352,6 +512,11 @@ class MonitorDaemon:
         # Labels arrive late, so the realized accuracy covers the events labelled by evaluation time.
         gap = estimate - accuracy if estimate is not None and accuracy is not None else None
         data["accuracy_estimate_gap"] = gap
+        # n_sampled is what the detectors tested; sampled_texts is the reservoir before the embedding budget.
+        data["sampled_texts"] = len(sampler.sample)
+        data["embedding_cap"] = cap
+        self.resource_metrics.window_embedded.set(report.n_sampled)
+        self.resource_metrics.window_embedding_cap.set(float("nan") if cap is None else cap)
         self.store.insert_window(data, window.version)
         self.metrics.record_window(report)
         if accuracy is not None:
@@ -372,12 +537,7 @@ class MonitorDaemon:
                                      "mean_confidence": report.mean_confidence, "n_events": report.n_events,
                                      "explanation": explain_drift(report),
                                      "report": f"/v1/windows/{window.id}/report"})
-        if window.version != self.active_name:
-            # A window of the previous version is no evidence about the new one.
-            return
-        if self._judge_watch(window.version):
-            return
-        self._apply_policy(window.id, report)
+        # The leader applies the watch and the policy to it, with the windows of other replicas (_decide_windows).
 
     # Post-promotion watch
 
@@ -446,6 +606,8 @@ class MonitorDaemon:
                 self.store.audit("monitor", "labels_needed", version=self.active_name,
                                  detail={"labelled": decision.labelled, "needed": decision.labels_needed,
                                          "message": decision.reason})
+        elif decision.action == "trigger" and self._retrain_refused(decision.reason):
+            return
         elif decision.action == "trigger":
             self.metrics.labels_needed.set(0)
             self.labels_alert_streak = None
@@ -458,10 +620,31 @@ class MonitorDaemon:
 
     # Retraining
 
+    def _retrain_refused(self, reason: str) -> bool:
+        """Return True, and log why, when a triggered retrain must not start: shutdown or memory.
+
+        The drift streak is kept, so the next drifted window triggers again once the cause is gone.
+        """
+        if self.draining:
+            cause, label = "the sidecar is shutting down", "shutdown"
+        elif self.memory.over_limit():
+            cause, label = (f"resident memory is above resources.memory_soft_limit_mb "
+                            f"({self.config.resources.memory_soft_limit_mb} MiB)"), "memory"
+        else:
+            return False
+        logger.warning("retrain not started although %s: %s", reason, cause)
+        self.resource_metrics.retrains_refused.labels(label).inc()
+        self.store.audit("monitor", "retrain_refused", version=self.active_name,
+                         detail={"reason": cause, "trigger": reason})
+        return True
+
     def job_running(self) -> bool:
         return self.job_thread is not None and self.job_thread.is_alive()
 
     def start_retrain(self, trigger: dict[str, Any], actor: str = "monitor") -> str:
+        if not self.leadership.is_leader:
+            raise DriftloopError(f"replica {self.leadership.replica} is not the leader; only the leader starts "
+                                 "retrains (see leader in GET /v1/status of each replica)")
         if self.job_running():
             raise DriftloopError("a retraining run is already in progress")
         # A run started by `driftloop retrain` in another process counts too, unless that process died.
@@ -491,7 +674,7 @@ class MonitorDaemon:
         return RetrainJob(run_id=run_id, config=self.config, store=self.store, registry=self.registry,
                           dataset=self.dataset, base=base, since=since, drift_started_at=drift_started_at,
                           on_progress=self._on_progress, should_stop=self.cancel_requested.is_set,
-                          embedder=self.embedder)
+                          stop_reason="sidecar shutdown", embedder=self.embedder)
 
     def _on_progress(self, progress: dict) -> None:
         self._log_progress(progress)
@@ -508,7 +691,7 @@ class MonitorDaemon:
 
     def cancel_retrain(self, run_id: str, actor: str, comment: str = "") -> dict:
         """Cancel a run; a running one stops before its next training step (see ``retrain.jobs.cancel_run``)."""
-        run = cancel_run(self.store, run_id, actor=actor, comment=comment, state_dir=self.config.state_path)
+        run = cancel_run(self.store, run_id, actor=actor, comment=comment, state_dir=self.config.shared_path)
         logger.info("retrain run %s: cancel requested by %s, now %s", run_id, actor, run["state"])
         if run["state"] == "cancelled":
             self.metrics.retrain_runs.labels("cancelled").inc()
@@ -521,6 +704,8 @@ class MonitorDaemon:
         canary = run.get("canary") or {}
         if canary:
             self.metrics.canary_passed.set(1 if canary.get("passed") else 0)
+            if canary.get("status") in CANARY_STATUSES:
+                self.metrics.canary_evaluations.labels(canary["status"]).inc()
         self.metrics.retrain_state.state(state if state in RUN_STATES else "idle")
         if state in ("failed", "rejected_by_gate", "cancelled"):
             self.metrics.retrain_runs.labels(state).inc()
@@ -535,7 +720,7 @@ class MonitorDaemon:
 
         One run at a time, in the worker thread, and never beside a retrain.
         """
-        if self.job_running():
+        if self.job_running() or self.draining:
             return
         step = self.config.canary.recheck_new_samples
         for run in self.store.runs(states=WAITING_STATES, limit=20):
@@ -604,11 +789,11 @@ class MonitorDaemon:
                     run["id"], (run["state"],), "superseded", actor="daemon", action="run_superseded",
                     detail={"by_version": version, "was": run["state"]}):
                 logger.info("retrain run %s: superseded by version %s", run["id"], version)
-                shutil.rmtree(self.config.state_path / "runs" / run["id"], ignore_errors=True)
+                shutil.rmtree(self.config.shared_path / "runs" / run["id"], ignore_errors=True)
 
     def _install_profile(self, run_id: str, version) -> None:
         """Move the profile the run built before approval into place, or build it now if it has none."""
-        work_dir = self.config.state_path / "runs" / run_id
+        work_dir = self.config.shared_path / "runs" / run_id
         built = work_dir / "profile"
         target = self.registry.profile_dir(version.name)
         if (built / "profile.json").is_file() and not target.exists():
@@ -652,9 +837,19 @@ class MonitorDaemon:
         with self.lock:
             window = {"id": self.window.id, "events": self.window.sampler.count,
                       "size": self.config.monitor.window_size, "pending": len(self.pending)}
-        runs = self.store.runs(limit=5)
+        try:
+            runs = self.store.runs(limit=5)
+        except DBAPIError as exc:
+            if not is_connection_error(exc):
+                raise
+            self._count_store_error("status", exc)
+            return {"ready": self.ready, "startup_error": self.startup_error, "active_version": self.active_name,
+                    "window": window, "leader": self.leadership.describe(),
+                    "store": {"reachable": False, "buffered_events": len(self.event_buffer)}}
         return {
             "ready": self.ready,
+            "leader": self.leadership.describe(),
+            "store": {"reachable": True, "buffered_events": len(self.event_buffer)},
             "startup_error": self.startup_error,
             "active_version": self.active_name,
             "window": window,

@@ -40,7 +40,7 @@ def render_window_report(config: Config, store: Store, window_id: str, *, eviden
     events = store.window_events(window_id)
     sections = [_summary_section(window, events), _signals_section(window), _explanation_section(window)]
     if evidently:
-        registry = Registry(store, config.state_path)
+        registry = Registry(store, config.shared_path)
         version = window.get("version")
         if version is None:
             sections.append("<h2>Evidently</h2><p>The window has no adapter version, so it has no reference.</p>")

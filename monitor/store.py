@@ -2,12 +2,21 @@
 
 The store contains facts, not decisions: events with their delayed labels, window
 reports, retraining runs, adapter versions with the active pointer, and the
-audit log. SQLite is the default; any SQLAlchemy URL works.
+audit log. SQLite is the default and PostgreSQL is tested too. Other SQLAlchemy
+URLs may work. The schema is created and upgraded by the Alembic revisions in
+``monitor.migrations``.
+
+Portability rules the queries follow: timestamps are Unix seconds in double
+precision columns, identifiers fit their ``String`` lengths (PostgreSQL enforces
+them, SQLite does not), upserts use ``INSERT ... ON CONFLICT`` of the dialect
+instead of ``session.merge``, which reads before it writes and so races between
+replicas, and a check that must not race is one ``UPDATE ... WHERE`` statement.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,10 +34,18 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from monitor.errors import DriftloopError
+
+logger = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -70,7 +87,7 @@ class WindowRow(Base):
     version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float] = mapped_column(Float, index=True)
-    evaluated_at: Mapped[float] = mapped_column(Float)
+    evaluated_at: Mapped[float] = mapped_column(Float, index=True)
     n_events: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(32))
     drifted: Mapped[bool] = mapped_column(Boolean)
@@ -150,17 +167,90 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-class Store:
-    """Session factory plus the queries; safe to share between threads."""
+def redacted_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable database URL>"
 
-    def __init__(self, url: str):
+
+class DatabaseUnavailableError(DriftloopError):
+    """The database could not be reached: the connection was refused, lost or timed out."""
+
+
+# SQLSTATE codes of a PostgreSQL server that is shutting down or starting up (class 08 is
+# "connection exception").
+_POSTGRES_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
+_SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file", "disk i/o error")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors of an unreachable database (refused, lost or locked), which a later retry may overcome.
+
+    Errors in the statement itself, such as a missing table or a constraint, are False.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    kinds = {cls.__name__ for cls in type(orig).__mro__}
+    if "InterfaceError" in kinds:
+        return True
+    if "OperationalError" not in kinds:
+        return False
+    module = type(orig).__module__
+    if module.startswith("sqlite3"):
+        return any(message in str(orig).lower() for message in _SQLITE_UNAVAILABLE_MESSAGES)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    # A client-side failure to connect (refused, timed out) has no SQLSTATE.
+    return state is None or state.startswith("08") or state in _POSTGRES_UNAVAILABLE_STATES
+
+
+class Store:
+    """Session factory plus the queries; safe to share between threads.
+
+    Opening a store connects, and upgrades the schema to the newest migration.
+    Raises DatabaseUnavailableError, naming the URL without its password, when
+    the database cannot be reached.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True):
+        from monitor.migrations import upgrade_database
+
         self.url = url
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True)
-        if url.startswith("sqlite"):
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            # The value is not repeated, because it may contain a password.
+            raise DriftloopError("database_url is not a valid SQLAlchemy URL (value not shown); expected e.g. "
+                                 "sqlite:////path/driftloop.db or "
+                                 "postgresql+psycopg://user:password@host:5432/driftloop") from None
+        self.dialect = parsed.get_backend_name()
+        database = parsed.database
+        if self.dialect == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        options: dict[str, Any] = {}
+        if self.dialect == "postgresql" and "connect_timeout" not in parsed.query:
+            # Without it a connection to an unreachable host waits for the operating system's TCP timeout.
+            options["connect_args"] = {"connect_timeout": 10}
+        try:
+            self.engine = create_engine(url, pool_pre_ping=True, **options)
+        except Exception as exc:  # noqa: BLE001 - a missing driver or a bad option; reported with the URL
+            raise DriftloopError(f"cannot open the database {redacted_url(url)}: {exc}") from None
+        if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        try:
+            if migrate:
+                upgrade_database(self.engine)
+        except DBAPIError as exc:
+            self.engine.dispose()
+            if is_connection_error(exc):
+                raise DatabaseUnavailableError(
+                    f"cannot connect to the database {redacted_url(url)}: {_first_line(exc.orig)}"
+                ) from None
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -170,6 +260,21 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def ping(self) -> None:
+        """Run ``SELECT 1``; raises the driver's error when the database is unreachable."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def _upsert(self, session: Session, row_type: type[Base], values: dict[str, Any], keys: tuple[str, ...]) -> None:
+        """Insert ``values``, or update the row with the same ``keys`` to them, in one statement."""
+        if self.dialect not in ("sqlite", "postgresql"):
+            session.merge(row_type(**values))
+            return
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        statement = dialect.insert(row_type).values(**values)
+        changes = {name: statement.excluded[name] for name in values if name not in keys}
+        session.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changes))
 
     # Events and labels
 
@@ -192,13 +297,28 @@ class Store:
                 )
             }
             for row in fresh:
+                row.setdefault("true_label", None)
+                row.setdefault("labelled_at", None)
                 item = pending.get(row["id"])
                 if item is not None:
                     row["true_label"] = item.label
                     row["labelled_at"] = item.received_at
                     session.delete(item)
-            session.add_all(EventRow(**row) for row in fresh)
+            if fresh:
+                session.execute(self._insert_ignoring_duplicates(EventRow), fresh)
         return len(fresh), sorted(existing), len(pending)
+
+    def _insert_ignoring_duplicates(self, row_type: type[Base]):
+        """Return an INSERT that skips rows whose primary key exists.
+
+        Another replica, or a replayed buffer whose first commit did reach the
+        database, may have stored the same event id since the SELECT above.
+        """
+        if self.dialect == "postgresql":
+            return postgresql.insert(row_type).on_conflict_do_nothing()
+        if self.dialect == "sqlite":
+            return sqlite.insert(row_type).on_conflict_do_nothing()
+        return insert(row_type)
 
     def known_event_ids(self, ids: list[str]) -> set[str]:
         with self.session() as session:
@@ -209,7 +329,8 @@ class Store:
         now = time.time()
         with self.session() as session:
             for event_id, label in labels.items():
-                session.merge(PendingLabelRow(event_id=event_id, label=label, received_at=now))
+                self._upsert(session, PendingLabelRow, {"event_id": event_id, "label": label, "received_at": now},
+                             ("event_id",))
 
     def count_pending_labels(self) -> int:
         with self.session() as session:
@@ -369,6 +490,19 @@ class Store:
             ).all()
             return [json.loads(row.report) | {"version": row.version} for row in rows]
 
+    def windows_evaluated_since(self, since: float, limit: int = 10000) -> list[dict[str, Any]]:
+        """Return the window reports of every replica evaluated at or after ``since``, by end time.
+
+        Each report also has its ``version`` and ``evaluated_at``.
+        """
+        with self.session() as session:
+            rows = session.scalars(
+                select(WindowRow).where(WindowRow.evaluated_at >= since)
+                .order_by(WindowRow.ended_at, WindowRow.id).limit(limit)
+            ).all()
+            return [json.loads(row.report) | {"version": row.version, "evaluated_at": row.evaluated_at}
+                    for row in rows]
+
     def last_windows_of_version(self, version: str, count: int) -> list[dict[str, Any]]:
         """Return the ``count`` latest window reports of ``version``, oldest first."""
         with self.session() as session:
@@ -381,9 +515,11 @@ class Store:
                     status: str = "watching") -> None:
         now = time.time()
         with self.session() as session:
-            session.merge(WatchRow(version=version, previous=previous, run_id=run_id, started_at=now,
-                                   updated_at=now, status=status, baseline=json.dumps(baseline),
-                                   result=json.dumps({})))
+            self._upsert(session, WatchRow,
+                         {"version": version, "previous": previous, "run_id": run_id, "started_at": now,
+                          "updated_at": now, "status": status, "baseline": json.dumps(baseline),
+                          "result": json.dumps({})},
+                         ("version",))
 
     def update_watch(self, version: str, status: str, result: dict[str, Any]) -> None:
         with self.session() as session:
@@ -457,6 +593,37 @@ class Store:
                 }
                 for row in rows
             ]
+
+
+def open_store(url: str, *, attempts: int, initial_delay_s: float, max_delay_s: float,
+               sleep=time.sleep) -> Store:
+    """Open the store, retrying an unreachable database with exponential backoff.
+
+    Each failed attempt logs a warning with the URL (password hidden) and the error.
+    After ``attempts`` failures the last DatabaseUnavailableError is raised, with the
+    number of attempts and the time spent added to its message.
+    """
+    delay = initial_delay_s
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return Store(url)
+        except DatabaseUnavailableError as exc:
+            if attempt == attempts:
+                raise DatabaseUnavailableError(
+                    f"{exc} (gave up after {attempts} attempts in {time.monotonic() - started:.0f} s; "
+                    "check database_url and that the database server is running, or raise "
+                    "database.connect_attempts)"
+                ) from None
+            logger.warning("database unreachable (attempt %d of %d): %s; retrying in %.1f s",
+                           attempt, attempts, exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+    raise AssertionError("unreachable")
+
+
+def _first_line(error: BaseException | None) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def job_status(state: str) -> str:

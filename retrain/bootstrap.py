@@ -74,7 +74,7 @@ def describe_fit(profile: ReferenceProfile) -> str:
 def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) -> Version:
     """Make sure an active version exists; train it (or take it from the cache) when missing."""
     store = Store(config.db_url)
-    registry = Registry(store, config.state_path)
+    registry = Registry(store, config.shared_path)
     active = registry.active()
     if active is not None and not force:
         log(f"bootstrap: version {active.name} is already active; pass --force to train a new first version")
@@ -100,7 +100,7 @@ def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) 
         shutil.rmtree(cached, ignore_errors=True)
         work.rename(cached)
 
-    staging = config.state_path / "runs" / f"bootstrap-{key}-{int(time.time())}"
+    staging = config.shared_path / "runs" / f"bootstrap-{key}-{int(time.time())}"
     shutil.copytree(cached / "adapter", staging)
     version = registry.register(staging, parent=active.name if active else None, run_id=None, actor="bootstrap")
     profile_target = registry.profile_dir(version.name)

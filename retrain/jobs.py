@@ -85,7 +85,7 @@ class RetrainJob:
         self.embedder = embedder
         self.external_stop = should_stop
         self.stop_reason = stop_reason
-        self.work_dir = config.state_path / "runs" / run_id
+        self.work_dir = config.shared_path / "runs" / run_id
         self._last_poll = 0.0
         self._cancel_seen = False
 

@@ -99,3 +99,148 @@ def started_daemon(config):
     daemon.start(background=False)
     assert daemon.ready, daemon.startup_error
     return daemon
+
+
+# PostgreSQL: a throwaway server per test session, so the store and loop tests also run there.
+
+POSTGRES_URL_ENV = "DRIFTLOOP_TEST_POSTGRES_URL"
+REQUIRE_POSTGRES_ENV = "DRIFTLOOP_REQUIRE_POSTGRES"
+
+
+def postgres_bin_dir() -> Path | None:
+    """Return the folder with initdb and pg_ctl (Debian keeps them off PATH), or None."""
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PostgresServer:
+    """A PostgreSQL cluster in a temporary folder, on a loopback port, with trust authentication.
+
+    initdb refuses to run as root, so under root every server command runs as the
+    unprivileged ``postgres`` user (created by Debian's postgresql package) through
+    runuser, and the folder belongs to that user.
+    """
+
+    def __init__(self, bin_dir: Path):
+        import tempfile
+
+        self.bin_dir = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="driftloop-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.port = free_port()
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            import shutil
+
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "driftloop", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def _run(self, program: str, *args: str) -> None:
+        import subprocess
+
+        command = [str(self.bin_dir / program), *args]
+        if self.as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://driftloop@127.0.0.1:{self.port}/{database}"
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def postgres_unavailable(reason: str):
+    """Skip a PostgreSQL test, or fail it when the environment requires PostgreSQL."""
+    if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_POSTGRES_ENV}=1 requires the PostgreSQL tests to run")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """URL of a PostgreSQL database whose user may create databases.
+
+    $DRIFTLOOP_TEST_POSTGRES_URL when set (.ci/run sets it), else a server this
+    session starts from the local PostgreSQL binaries and stops at the end.
+    """
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if url:
+        yield url
+        return
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        postgres_unavailable(f"PostgreSQL tests need {POSTGRES_URL_ENV} or the PostgreSQL server binaries "
+                             "(initdb, pg_ctl; Debian: apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    server.start()
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+        server.remove()
+
+
+def create_database(server_url: str) -> str:
+    """Create an empty database on the server of ``server_url``; return its URL."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    name = "dl_" + uuid.uuid4().hex[:12]
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    from sqlalchemy import create_engine, make_url, text
+
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server_url):
+    """URL of a new, empty PostgreSQL database, dropped after the test."""
+    url = create_database(postgres_server_url)
+    yield url
+    drop_database(postgres_server_url, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """URL of an empty database on each backend: SQLite in the test's folder, then PostgreSQL."""
+    if request.param == "sqlite":
+        (tmp_path / "state").mkdir(exist_ok=True)
+        return f"sqlite:///{tmp_path / 'state' / 'driftloop.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -7,16 +7,23 @@ from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
 from retrain.bootstrap import bootstrap
 from retrain.jobs import approve_run, reject_run
-from tests.conftest import post_labelled_events, tiny_deployment_config
+from tests.conftest import create_database, drop_database, post_labelled_events, tiny_deployment_config
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_model_dir, clinc_dir):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def config(request, tmp_path_factory, tiny_model_dir, clinc_dir):
+    """A bootstrapped tiny deployment, once on SQLite and once on PostgreSQL: the whole loop runs on both."""
     state = tmp_path_factory.mktemp("jobs-state")
     raw = tiny_deployment_config(state, tiny_model_dir)
+    server_url = None
+    if request.param == "postgresql":
+        server_url = request.getfixturevalue("postgres_server_url")
+        raw["database_url"] = create_database(server_url)
     config = parse_config(raw)
     bootstrap(config, log=lambda message: None)
-    return config
+    yield config
+    if server_url is not None:
+        drop_database(server_url, raw["database_url"])
 
 
 def test_run_waits_for_approval_then_promotes(config):

@@ -17,8 +17,8 @@ def make_candidate(folder, labels=("a", "b")):
 
 
 @pytest.fixture()
-def registry(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'state' / 'db.sqlite'}")
+def registry(tmp_path, database_url):
+    store = Store(database_url)
     yield Registry(store, tmp_path / "state")
     store.close()
 

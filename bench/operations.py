@@ -1,0 +1,398 @@
+"""Operating figures of the sidecar next to a bare FastAPI/uvicorn echo server run the same way.
+
+Run from the repository root::
+
+    DRIFTLOOP_DATA=/path/to/data .venv/bin/python bench/operations.py [--seconds 20] [--out docs/operations.md]
+
+The script bootstraps a small state in a temporary folder with the bundled
+all-MiniLM-L6-v2 (banking intents, a 151-label head, one epoch), then starts
+``driftloop run`` as a subprocess pinned to core 0 (``os.sched_setaffinity``),
+while this process, the load generator, pins itself to core 1. It measures:
+
+- ingest: ``CONCURRENCY`` client threads post batches of 100 events to
+  POST /v1/events for ``--seconds``, each event shaped as ``driftloop serve``
+  sends it (label, confidence, 151 probabilities, latency, version); events per
+  second accepted and the request latency quantiles;
+- resident memory (VmRSS) of the sidecar once it is ready, and after the ingest run;
+- /metrics scrapes: ``SCRAPES`` sequential GETs while idle;
+- /metrics scrapes while a retrain trains in the sidecar: drifted traffic with labels
+  triggers a retrain (one drifted window, ten labels, no rank sweep, 1000 epochs),
+  then ``SCRAPES`` GETs with a 5 s timeout while the run is ``training``;
+- the drain: SIGTERM during that retrain, the exit status and the seconds to exit.
+
+The baseline is a FastAPI app served by uvicorn on the same core, whose POST
+/v1/events parses the JSON body and returns the event count, and whose GET
+/metrics returns prometheus_client's default registry. The sidecar runs with
+window evaluation on (windows of 500, a check every 5 s), one torch thread for
+inference and one for training, and ``resources.embedding_max_texts_per_s`` 20,
+as in deploy/kubernetes/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
+from bench.record import machine_facts, write_section  # noqa: E402
+
+SECTION = "bench/operations.py"
+HOST = "127.0.0.1"
+PORTS = range(18100, 18200)
+EVENTS_PER_BATCH = 100
+CONCURRENCY = 4
+SCRAPES = 100
+SERVER_CORE, CLIENT_CORE = 0, 1
+LONG_TEXT = ("please tell me every single detail about the transfer of money that i made yesterday evening "
+             "from my savings account to the checking account of my brother who lives abroad {}")
+
+ECHO_APP = textwrap.dedent('''
+    import json, os, sys
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    app = FastAPI()
+
+    @app.post("/v1/events")
+    async def events(request: Request):
+        body = json.loads(await request.body())
+        return JSONResponse({"accepted": len(body["events"]), "duplicates": 0, "rejected": []})
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/readyz")
+    def ready():
+        return {"status": "ready"}
+
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+''')
+
+
+def free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit(f"error: no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def pinned(core: int):
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(share: float) -> float:
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1], "n": len(ordered)}
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"error: the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"error: {base} was not ready within {timeout_s} s")
+
+
+def event_bodies(count: int, prefix: str, labels: list[str], texts: list[str]) -> list[bytes]:
+    """Build ``count`` request bodies of EVENTS_PER_BATCH events each, as driftloop serve sends them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    bodies = []
+    for batch in range(count):
+        events = []
+        for position in range(EVENTS_PER_BATCH):
+            number = batch * EVENTS_PER_BATCH + position
+            logits = rng.normal(size=len(labels))
+            logits[number % len(labels)] += 6.0
+            probabilities = np.exp(logits) / np.exp(logits).sum()
+            top = int(probabilities.argmax())
+            events.append({"id": f"{prefix}-{number}", "timestamp": time.time(), "text": texts[number % len(texts)],
+                           "label": labels[top], "confidence": float(probabilities[top]),
+                           "probabilities": probabilities.tolist(), "latency_ms": 12.0, "version": "v1"})
+        bodies.append(json.dumps({"events": events}).encode())
+    return bodies
+
+
+def load_ingest(base: str, bodies: list[bytes], seconds: float) -> dict:
+    """Post ``bodies`` from CONCURRENCY threads for ``seconds``; return events/s and latency quantiles in ms."""
+    import httpx
+
+    latencies: list[float] = []
+    accepted = [0]
+    failures = [0]
+    lock = threading.Lock()
+    position = [0]
+    stop_at = time.monotonic() + seconds
+
+    def worker() -> None:
+        with httpx.Client(timeout=30.0) as client:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if position[0] >= len(bodies):
+                        return
+                    body = bodies[position[0]]
+                    position[0] += 1
+                sent = time.perf_counter()
+                response = client.post(f"{base}/v1/events", content=body, headers={"content-type": "application/json"})
+                elapsed = 1000 * (time.perf_counter() - sent)
+                with lock:
+                    latencies.append(elapsed)
+                    if response.status_code == 200:
+                        accepted[0] += response.json()["accepted"]
+                    else:
+                        failures[0] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(CONCURRENCY)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - started
+    return {"events_per_s": accepted[0] / wall, "accepted": accepted[0], "failures": failures[0],
+            "wall_s": wall, "latency_ms": quantiles(latencies)}
+
+
+def scrape(base: str, count: int, interval_s: float = 0.0, while_true=None) -> dict:
+    """GET /metrics ``count`` times (stopping early once ``while_true`` is false); latency quantiles in ms."""
+    import httpx
+
+    latencies, timeouts = [], 0
+    with httpx.Client(timeout=5.0) as client:
+        for _ in range(count):
+            if while_true is not None and not while_true():
+                break
+            sent = time.perf_counter()
+            try:
+                client.get(f"{base}/metrics").raise_for_status()
+                latencies.append(1000 * (time.perf_counter() - sent))
+            except httpx.TimeoutException:
+                timeouts += 1
+            time.sleep(interval_s)
+    return {"latency_ms": quantiles(latencies) if latencies else None, "timeouts": timeouts}
+
+
+def sidecar_config(state: Path) -> dict:
+    return {
+        "state_dir": str(state),
+        "data": {"clinc150": {"domains": ["banking"]}, "per_label_limit": 10},
+        "bootstrap": {"epochs": 1},
+        "monitor": {"window_size": 500, "sample_size": 500, "check_interval_s": 5, "max_batch": 1000},
+        "trigger": {"consecutive_windows": 1, "min_labels": 10, "cooldown_s": 0},
+        "retrain": {"sweep": {"enabled": False},
+                    "training": {"epochs": 1000, "early_stopping_patience": 1000, "num_threads": 1}},
+        "resources": {"inference_threads": 1, "blas_threads": 1, "embedding_max_texts_per_s": 20},
+    }
+
+
+def bootstrap_state(state: Path) -> None:
+    """Train the first adapter and build its reference profile, on every core."""
+    from monitor.config import parse_config
+    from retrain.bootstrap import bootstrap
+
+    started = time.monotonic()
+    bootstrap(parse_config(sidecar_config(state)), log=lambda message: print(message, flush=True))
+    print(f"bootstrap took {time.monotonic() - started:.0f} s", flush=True)
+
+
+def run_sidecar(state: Path, seconds: float, texts: list[str]) -> dict:
+    import httpx
+    import yaml
+
+    from monitor.config import parse_config
+
+    raw = sidecar_config(state)
+    config_path = state / "driftloop.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    log = (state / "sidecar.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "monitor.cli", "--config", str(config_path), "run", "--port",
+                                str(port)], cwd=REPOSITORY, stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=pinned(SERVER_CORE))
+    result: dict = {}
+    try:
+        wait_ready(base, process)
+        time.sleep(2)
+        result["rss_ready_mib"] = resident_mib(process.pid)
+        result["scrape_idle"] = scrape(base, SCRAPES)
+        labels = httpx.get(f"{base}/v1/versions", timeout=5).json()
+        active = next(version for version in labels["versions"] if version["name"] == labels["active"])
+        head = json.loads((Path(active["adapter_dir"]) / "labels.json").read_text())
+        bodies = event_bodies(int(seconds * 200), "ingest", head, texts)
+        result["ingest"] = load_ingest(base, bodies, seconds)
+        result["rss_after_ingest_mib"] = resident_mib(process.pid)
+
+        # Drifted, labelled traffic; labels first, so they wait for their events.
+        ids = [f"long-{i}" for i in range(1000)]
+        httpx.post(f"{base}/v1/labels", json={"labels": [{"id": i, "label": "transfer"} for i in ids]}, timeout=30)
+        batch = [{"id": event_id, "text": LONG_TEXT.format(i), "label": "transfer", "confidence": 0.9}
+                 for i, event_id in enumerate(ids)]
+        httpx.post(f"{base}/v1/events", json={"events": batch[:1]}, timeout=30)
+        httpx.post(f"{base}/v1/events", json={"events": batch[1:]}, timeout=30)
+
+        def training() -> bool:
+            runs = httpx.get(f"{base}/v1/retrains", timeout=10).json()["runs"]
+            return bool(runs) and runs[0]["state"] == "training"
+
+        deadline = time.monotonic() + 300
+        while not training():
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"error: no retrain reached training; see {state / 'sidecar.log'}")
+            time.sleep(1)
+        time.sleep(5)  # past data assembly, into the optimiser steps
+        result["scrape_training"] = scrape(base, SCRAPES, interval_s=0.2, while_true=training)
+        result["rss_training_mib"] = resident_mib(process.pid)
+
+        sent = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        result["exit_status"] = process.wait(timeout=120)
+        result["drain_s"] = time.monotonic() - sent
+        from monitor.store import Store
+
+        store = Store(parse_config(raw).db_url)
+        latest = store.runs(limit=1)[0]
+        result["run_state"] = f"{latest['state']} ({latest['error']})"
+        store.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    return result
+
+
+def run_echo(seconds: float, texts: list[str], labels: list[str]) -> dict:
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    process = subprocess.Popen([sys.executable, "-c", ECHO_APP, str(port)], cwd=REPOSITORY,
+                               preexec_fn=pinned(SERVER_CORE))
+    try:
+        wait_ready(base, process, timeout_s=60)
+        result = {"rss_ready_mib": resident_mib(process.pid), "scrape_idle": scrape(base, SCRAPES)}
+        result["ingest"] = load_ingest(base, event_bodies(int(seconds * 200), "echo", labels, texts), seconds)
+    finally:
+        process.terminate()
+        process.wait()
+    return result
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}" if baseline else "n/a"
+
+
+def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
+    ingest, base_ingest = sidecar["ingest"], echo["ingest"]
+    idle, base_idle = sidecar["scrape_idle"]["latency_ms"], echo["scrape_idle"]["latency_ms"]
+    training = sidecar["scrape_training"]
+    lines = [
+        "## Measured",
+        "",
+        machine,
+        f"- Sidecar pinned to core {SERVER_CORE}, load generator to core {CLIENT_CORE}; "
+        f"{CONCURRENCY} client threads, batches of {EVENTS_PER_BATCH} events, {seconds:.0f} s of ingest.",
+        "",
+        "| figure | target | driftloop | bare FastAPI echo | ratio |",
+        "|---|---|---|---|---|",
+        f"| ingest, events/s | ≥ 5,000 | {ingest['events_per_s']:,.0f} | {base_ingest['events_per_s']:,.0f} | "
+        f"{ratio(ingest['events_per_s'], base_ingest['events_per_s'])} |",
+        f"| ingest request p50, ms | | {ingest['latency_ms']['p50']:.1f} | {base_ingest['latency_ms']['p50']:.1f} | "
+        f"{ratio(ingest['latency_ms']['p50'], base_ingest['latency_ms']['p50'])} |",
+        f"| ingest request p99, ms | | {ingest['latency_ms']['p99']:.1f} | {base_ingest['latency_ms']['p99']:.1f} | "
+        f"{ratio(ingest['latency_ms']['p99'], base_ingest['latency_ms']['p99'])} |",
+        f"| resident memory when ready, MiB | ≤ 1,536 | {sidecar['rss_ready_mib']:,.0f} | {echo['rss_ready_mib']:,.0f} | "
+        f"{ratio(sidecar['rss_ready_mib'], echo['rss_ready_mib'])} |",
+        f"| resident memory after ingest, MiB | ≤ 1,536 | {sidecar['rss_after_ingest_mib']:,.0f} | | |",
+        f"| resident memory while training, MiB | | {sidecar['rss_training_mib']:,.0f} | | |",
+        f"| /metrics scrape p50, ms (idle) | | {idle['p50']:.1f} | {base_idle['p50']:.1f} | {ratio(idle['p50'], base_idle['p50'])} |",
+        f"| /metrics scrape max, ms (idle) | ≤ 50 | {idle['max']:.1f} | {base_idle['max']:.1f} | {ratio(idle['max'], base_idle['max'])} |",
+    ]
+    if training["latency_ms"]:
+        lines += [
+            f"| /metrics scrape p50, ms (training) | | {training['latency_ms']['p50']:.1f} | | |",
+            f"| /metrics scrape max, ms (training) | no timeout (5 s) | {training['latency_ms']['max']:.1f} "
+            f"({training['latency_ms']['n']} scrapes, {training['timeouts']} timeouts) | | |",
+        ]
+    lines += [
+        "",
+        f"Ingest failures: {ingest['failures']} driftloop, {base_ingest['failures']} echo. SIGTERM during the "
+        f"retrain: exit status {sidecar['exit_status']} after {sidecar['drain_s']:.1f} s; the run ended "
+        f"{sidecar['run_state']}.",
+        "",
+        "Raw figures:",
+        "",
+        "```json",
+        json.dumps({"driftloop": sidecar, "echo": echo}, indent=1, default=str),
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of ingest load per server (default 20)")
+    parser.add_argument("--out", help="markdown file whose bench/operations.py section is replaced by the results")
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("error: needs two cores, one for the server and one for the load generator")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from retrain.datasets import load_clinc150
+
+    texts = [text for text, _ in load_clinc150().splits["test"]]
+    machine = machine_facts()  # before pinning, so it counts every core
+    with tempfile.TemporaryDirectory(prefix="driftloop-ops-") as folder:
+        bootstrap_state(Path(folder))
+        os.sched_setaffinity(0, {CLIENT_CORE})
+        sidecar = run_sidecar(Path(folder), args.seconds, texts)
+        labels = [f"label_{i}" for i in range(151)]
+        echo = run_echo(args.seconds, texts, labels)
+    body = report(sidecar, echo, args.seconds, machine)
+    print(body)
+    if args.out:
+        write_section(args.out, SECTION, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
