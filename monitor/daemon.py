@@ -486,7 +486,20 @@ class MonitorDaemon:
             self._apply_policy(window["window_id"], report)
 
     def _follow_registry(self) -> None:
-        """Reload the reference when the active version changed outside this process (CLI rollback)."""
+        """Reload the reference when the active version changed outside this process (CLI rollback).
+
+        A promotion or rollback in this process holds the promotion lock from the pointer move
+        until its reference is loaded; the check skips while it is held, so it never mistakes
+        that change for an outside one.
+        """
+        if not self.promotion_lock.acquire(blocking=False):
+            return
+        try:
+            self._follow_registry_locked()
+        finally:
+            self.promotion_lock.release()
+
+    def _follow_registry_locked(self) -> None:
         active = self.registry.active()
         if active is not None and active.name != self.active_name:
             logger.info("active version changed from %s to %s; reloading the reference", self.active_name, active.name)

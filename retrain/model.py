@@ -142,7 +142,26 @@ def load_base_classifier(base_model: str, labels: list[str]):
     Raises OSError when the model cannot be found or read, and ValueError when the tokenizer
     has neither token. Callers wrap both in the error type of their context.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def load_tokenizer(base_model: str):
+    """Load the tokenizer of ``base_model``; one without a pad token pads with its end-of-sequence token.
+
+    Raises OSError when a local folder does not exist, and ValueError when the tokenizer has
+    neither token.
+    """
+    from transformers import AutoTokenizer
 
     looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
     if looks_like_path and not Path(base_model).expanduser().exists():
@@ -156,14 +175,34 @@ def load_base_classifier(base_model: str, labels: list[str]):
             )
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer of %s has no pad_token; padding with eos_token %r", base_model, tokenizer.eos_token)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_model,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model
+    return tokenizer
+
+
+class BaseModelCache:
+    """The last base model loaded, kept in memory so that loading the next version skips the disk.
+
+    A model server swaps versions of one base model: each load deep-copies the cached base,
+    with its fresh head over the same labels, and puts the adapter on the copy, because
+    PEFT changes the model it wraps. One entry only, so memory grows by one base model.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._model: torch.nn.Module | None = None
+
+    def load(self, base_model: str, labels: list[str]):
+        """Return (tokenizer, base model with a fresh head over ``labels``), the model a private copy."""
+        import copy
+
+        key = (base_model, tuple(labels))
+        with self._lock:
+            if self._key != key:
+                tokenizer, model = load_base_classifier(base_model, labels)
+                self._key, self._model = key, model
+                return tokenizer, copy.deepcopy(model)
+            model = copy.deepcopy(self._model)
+        return load_tokenizer(base_model), model
 
 
 class Classifier:
@@ -201,11 +240,13 @@ class Classifier:
         version: str,
         device: str | None = None,
         num_threads: int | None = None,
+        base_cache: BaseModelCache | None = None,
     ) -> Classifier:
         """Load ``base_model`` with the adapter and head saved in ``adapter_dir``, in eval mode.
 
         ``device`` takes the values of ``resolve_device`` and defaults to "auto".
         ``num_threads`` calls ``torch.set_num_threads``, which applies to the whole process.
+        ``base_cache`` keeps the base model in memory between loads (the model server's swaps).
         Raises RegistryError naming the path when the adapter directory is missing or corrupt,
         and ConfigError when the base model or tokenizer cannot be loaded.
         """
@@ -221,7 +262,10 @@ class Classifier:
             torch.set_num_threads(num_threads)
 
         try:
-            tokenizer, base = load_base_classifier(base_model, labels)
+            if base_cache is not None:
+                tokenizer, base = base_cache.load(base_model, labels)
+            else:
+                tokenizer, base = load_base_classifier(base_model, labels)
         except (OSError, ValueError) as error:
             raise ConfigError(f"base model {base_model!r} could not be loaded: {error}") from error
 

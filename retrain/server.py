@@ -403,12 +403,16 @@ def create_app(
     metrics = ServerMetrics.register(registry)
 
     if loader is None:
+        from retrain.model import BaseModelCache
+
+        # Versions share the base model, so a swap reads only the adapter and head from disk.
+        base_cache = BaseModelCache()
 
         def loader(base: str, adapter_dir: str, version: str) -> Classifier:
             from retrain.model import Classifier
 
             return Classifier.load(
-                base, adapter_dir, version, device=device, num_threads=num_threads
+                base, adapter_dir, version, device=device, num_threads=num_threads, base_cache=base_cache
             )
 
     holder = ModelHolder(

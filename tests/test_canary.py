@@ -539,9 +539,17 @@ def test_decide_inconclusive_without_production_slice():
     assert gate_by_name(decision, "production_significance")["value"] is None
 
 
-@pytest.mark.parametrize(("lower", "status"), [(-0.005, "passed"), (-0.0051, "failed"), (0.01, "passed")])
-def test_decide_noninferiority(lower, status):
-    test = make_slice("test", 500, 0.86, 0.86, accuracy_ci=(lower, lower + 0.02))
+@pytest.mark.parametrize(("candidate", "lower", "status"), [
+    (0.86, -0.005, "passed"),
+    (0.86, 0.01, "passed"),
+    # Worse by more than the margin: failed.
+    (0.85, -0.02, "failed"),
+    # Within the margin, but the interval is too wide to show it: not decided.
+    (0.86, -0.0051, "inconclusive"),
+    (0.857, -0.03, "inconclusive"),
+])
+def test_decide_noninferiority(candidate, lower, status):
+    test = make_slice("test", 500, 0.86, candidate, accuracy_ci=(lower, lower + 0.02))
 
     decision = decide(good_production(), test, None, CanaryGates(noninferiority_margin=0.005))
 
@@ -549,6 +557,7 @@ def test_decide_noninferiority(lower, status):
     gate = gate_by_name(decision, "test_noninferiority")
     assert gate["value"] == lower
     assert gate["passed"] is (status == "passed")
+    assert gate["evaluated"] is (status != "inconclusive")
 
 
 def test_decide_inconclusive_with_few_test_samples():

@@ -424,3 +424,14 @@ def test_hot_swap_under_concurrent_load(tiny_model_dir, source, expected_probabi
         if "v2" in versions:
             first_v2 = versions.index("v2")
             assert "v1" not in versions[first_v2:], (worker, versions)
+
+
+def test_base_cache_loads_match_disk_loads(tiny_model_dir, adapters, expected_probabilities):
+    """Versions loaded through one BaseModelCache, back and forth, predict as loads from disk."""
+    from retrain.model import BaseModelCache, Classifier
+
+    cache = BaseModelCache()
+    # A repeated version is served from the cache, so a changed cached model would show.
+    for version in ("v1", "v1", "v2", "v2", "v1"):
+        model = Classifier.load(str(tiny_model_dir), adapters[version], version, device="cpu", base_cache=cache)
+        np.testing.assert_allclose(model.predict_proba(PROBE_TEXTS), expected_probabilities[version], atol=1e-5)
