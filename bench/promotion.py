@@ -75,6 +75,8 @@ REQUEST_INTERVAL_S = 0.020
 DURING_MARGIN_S = 2.0
 # A swap that shows no new version within this many seconds of the request counts as missing.
 SWAP_TIMEOUT_S = 60.0
+# Seconds to wait after a retrain for the server to load the waiting candidate.
+PRELOAD_TIMEOUT_S = 120.0
 LABEL_BATCH = 25
 # Seconds an idle client connection stays open; uvicorn closes idle connections after 5 s by default.
 KEEPALIVE_EXPIRY_S = 2.0
@@ -436,13 +438,26 @@ def swap_steps(window: SwapWindow) -> list[tuple[str, float]]:
     return [(name, stamp - window.action_sent) for name, stamp in marks if stamp is not None]
 
 
-def model_load_seconds(window: SwapWindow) -> float | None:
-    """Return the load time the server logged for the new version ("loaded in X s")."""
+def server_activation(window: SwapWindow) -> tuple[str, float] | None:
+    """Return where the server took the new version from and the seconds the swap took, from its log.
+
+    The server logs "version X is active (previous: Y), from SOURCE in Z s", SOURCE being the
+    preloaded candidate, memory (a replaced version kept warm) or a load.
+    """
     for _, message in window.server_log:
-        match = re.search(r"^version (\S+) is active .* loaded in ([0-9.]+) s", message)
+        match = re.search(r"^version (\S+) is active \(previous: \S+\), from (.+) in ([0-9.]+) s", message)
         if match and match.group(1) == window.new_version:
-            return float(match.group(2))
+            return match.group(2), float(match.group(3))
     return None
+
+
+PRELOADED = re.compile(r'^driftloop_server_preloads_total\{outcome="loaded"\} ([0-9.e+]+)$', re.MULTILINE)
+
+
+def preloads_done(client, server_url: str) -> float:
+    """Return the server's count of candidates it loaded before approval."""
+    match = PRELOADED.search(client.get(f"{server_url}/metrics").text)
+    return float(match.group(1)) if match else 0.0
 
 
 # ---------------------------------------------------------------- parts 1 and 2
@@ -541,6 +556,7 @@ class PromotionBench:
         self.label_traffic(client, examples)
         labelled_s = time.monotonic() - started
         log = self.folder / f"retrain-{repetition + 1}.log"
+        preloaded_before = preloads_done(client, self.processes.server_url)
         started = time.monotonic()
         with log.open("w") as handle:
             completed = subprocess.run(
@@ -551,8 +567,17 @@ class PromotionBench:
         if completed.returncode != 0 or run["state"] != "pending_approval":
             raise RuntimeError(f"driftloop retrain exited with {completed.returncode} and run {run['id']} is "
                                f"{run['state']}, not pending_approval; see {log}")
+        # A person approves minutes after the notification at the earliest; the server loads the
+        # waiting candidate meanwhile. Wait for that load, so the measured swap is the approved one.
+        waited = time.monotonic()
+        while preloads_done(client, self.processes.server_url) <= preloaded_before:
+            if time.monotonic() - waited > PRELOAD_TIMEOUT_S:
+                raise RuntimeError(f"the server did not preload run {run['id']} within {PRELOAD_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+        preload_wait_s = time.monotonic() - waited
         canary = run["canary"] or {}
         record = {"run_id": run["id"], "labelled": len(examples), "label_s": labelled_s, "retrain_s": retrain_s,
+                  "preload_wait_s": preload_wait_s,
                   "canary_status": canary.get("status"), "deciding_gate": canary.get("deciding_gate"),
                   "production_n": (canary.get("production") or {}).get("n"),
                   "steps": (run["training"] or {}).get("steps")}
@@ -765,17 +790,18 @@ def render_serving(bench: PromotionBench, promotions: list[SwapWindow], rollback
         "### Approval to serving",
         "",
         f"Target: the server answers with the new version at most {TARGET_SERVING_S:g} s after POST approve. "
-        "Each row is one candidate: labelled traffic, `driftloop retrain` in a terminal process, then the approval "
-        "and, after it, POST /v1/rollback back to the first version.",
+        "Each row is one candidate: labelled traffic, `driftloop retrain` in a terminal process, a wait until the "
+        "server has loaded the waiting candidate (`server.preload_candidates` 1, the default; the wait is counted "
+        "from the end of the retrain), then the approval and, after it, POST /v1/rollback back to the first version.",
         "",
-        "| # | run | canary (retrain time) | promoted | approval to first response from it, s | "
+        "| # | run | canary (retrain time) | preloaded after, s | promoted | approval to first response from it, s | "
         "approve response, s | rollback to first response from the old version, s | rollback response, s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for number, (candidate, promotion, rollback) in enumerate(zip(bench.candidates, promotions, rollbacks), start=1):
         lines.append(
             f"| {number} | {candidate['run_id']} | {candidate['canary_status']} ({candidate['retrain_s']:.0f} s) | "
-            f"{promotion.old_version} → {promotion.new_version} | {fmt(promotion.to_serving_s)} | "
+            f"{candidate['preload_wait_s']:.1f} | {promotion.old_version} → {promotion.new_version} | {fmt(promotion.to_serving_s)} | "
             f"{promotion.action_done - promotion.action_sent:.3f} | {fmt(rollback.to_serving_s)} | "
             f"{rollback.action_done - rollback.action_sent:.3f} |")
 
@@ -881,10 +907,15 @@ def render_breakdown(promotions: list[SwapWindow], rollbacks: list[SwapWindow]) 
     for name in order:
         cells = [fmt(statistics.median(steps[name][kind])) if steps[name][kind] else "" for kind in ("promote", "rollback")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    loads = [seconds for window in promotions + rollbacks if (seconds := model_load_seconds(window)) is not None]
-    if loads:
-        lines += ["", f"The server logged model loads (`Classifier.load`: base model, adapter and head) of "
-                      f"{min(loads):.2f} to {max(loads):.2f} s, median {statistics.median(loads):.2f} s."]
+    for kind, windows in (("promotion", promotions), ("rollback", rollbacks)):
+        activations = [found for window in windows if (found := server_activation(window)) is not None]
+        if not activations:
+            continue
+        sources = sorted({source for source, _ in activations})
+        seconds = [value for _, value in activations]
+        lines += ["", f"Each {kind}: the server took the version from {' or '.join(sources)} "
+                      f"({len(activations)} of {len(windows)}), and the swap took {min(seconds):.3f} to "
+                      f"{max(seconds):.3f} s, median {statistics.median(seconds):.3f} s."]
     lines.append("")
     return lines
 

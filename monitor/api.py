@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -43,12 +44,25 @@ def load_token(auth: AuthConfig) -> str | None:
     return None
 
 
-async def _json_body(request: Request):
-    raw = await request.body()
+def parse_json(raw: bytes):
+    """Decode a request body: orjson first, the standard library for what orjson refuses.
+
+    orjson parses the usual event batch, mostly floats, several times faster. It refuses NaN,
+    Infinity and unpaired surrogates, which Python's ``json.dumps`` writes, so such a body goes
+    through ``json.loads`` and its bad values are reported by field like any other.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BatchError("body", raw[:80].decode("utf-8", "replace"), f"invalid JSON: {exc}") from None
+
+
+async def _json_body(request: Request):
+    return parse_json(await request.body())
 
 
 def create_app(daemon: MonitorDaemon) -> FastAPI:

@@ -145,6 +145,7 @@ def cmd_run(args) -> int:
 def cmd_serve(args) -> int:
     from monitor.config import resolve_model_path
     from retrain.emitter import EventEmitter
+    from retrain.jobs import WAITING_STATES
     from retrain.server import create_app
 
     config = _config(args)
@@ -154,7 +155,10 @@ def cmd_serve(args) -> int:
     emitter.start()
     app = create_app(
         base_model=resolve_model_path(config.model.base),
-        version_source=registry.active_pair,
+        version_source=registry.active_for_server,
+        candidate_source=lambda: registry.candidates_for_server((*WAITING_STATES, "approved", "promoting")),
+        preload_candidates=config.server.preload_candidates,
+        keep_previous=config.server.keep_previous_versions,
         emitter=emitter,
         max_batch=config.server.max_batch,
         max_text_chars=config.server.max_text_chars,

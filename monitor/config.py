@@ -274,6 +274,11 @@ class CanaryConfig(_Section):
     noninferiority_margin: float = Field(0.005, ge=0.0, le=1.0, description="Accuracy on the original test split (0.005 = 0.5 points): the lower bound of the paired bootstrap 95% interval of candidate minus current accuracy must be at least minus this.")
     class_min_support: int = Field(5, ge=1, description="Test items a class needs before its F1 change counts as a regression.")
     class_regression_margin: float = Field(0.1, ge=0.0, le=1.0, description="F1 drop (current minus candidate) on the test split above which a class has regressed.")
+    class_alpha: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="A class with an F1 drop above the margin counts as regressed only when the candidate is also "
+                    "significantly worse on it: a one-sided paired mid-p test per class, Holm-corrected over the "
+                    "classes with enough support, below this level. 1.0 leaves out the test.")
     max_regressed_classes: int = Field(0, ge=0, description="Regressed test classes allowed before the canary fails.")
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples behind each interval.")
     seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
@@ -305,6 +310,14 @@ class ServerConfig(_Section):
     max_batch: int = Field(256, ge=1, description="Texts accepted in one POST /v1/classify.")
     max_text_chars: int = Field(2000, ge=1, description="Longest text accepted by the server, in characters.")
     poll_interval_s: float = Field(1.0, gt=0.0, description="Seconds between the server's reads of the active version.")
+    preload_candidates: int = Field(
+        1, ge=0, le=8,
+        description="Newest candidates waiting for approval that the server loads beforehand, so that promoting one "
+                    "swaps without a load; each costs the memory of one copy of the base model. 0 loads at the swap.")
+    keep_previous_versions: int = Field(
+        1, ge=0, le=8,
+        description="Replaced versions the server keeps in memory, so that a rollback to one swaps without a load; "
+                    "each costs the memory of one copy of the base model.")
 
     @field_validator("monitor_url")
     @classmethod

@@ -281,48 +281,46 @@ class Store:
     def insert_events(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[str], int]:
         """Insert events and attach their pending labels.
 
-        Returns (inserted count, ids that already existed, pending labels applied).
+        Returns (inserted count, ids that already existed, pending labels applied). On SQLite
+        and PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` both skips the
+        stored ids and tells which rows went in, so a duplicate from another replica, or from a
+        replayed buffer whose first commit reached the database, needs no SELECT beforehand.
         """
-        rows = list(rows)
+        rows = [dict(row) for row in rows]
         if not rows:
             return 0, [], 0
         ids = [row["id"] for row in rows]
+        table = EventRow.__table__
         with self.session() as session:
-            existing = set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
-            fresh = [dict(row) for row in rows if row["id"] not in existing]
             pending = {
                 item.event_id: item
-                for item in session.scalars(
-                    select(PendingLabelRow).where(PendingLabelRow.event_id.in_([row["id"] for row in fresh]))
-                )
+                for item in session.scalars(select(PendingLabelRow).where(PendingLabelRow.event_id.in_(ids)))
             }
-            for row in fresh:
-                row.setdefault("true_label", None)
-                row.setdefault("labelled_at", None)
+            for row in rows:
                 item = pending.get(row["id"])
-                if item is not None:
-                    row["true_label"] = item.label
-                    row["labelled_at"] = item.received_at
-                    session.delete(item)
-            if fresh:
-                session.execute(self._insert_ignoring_duplicates(EventRow), fresh)
-        return len(fresh), sorted(existing), len(pending)
-
-    def _insert_ignoring_duplicates(self, row_type: type[Base]):
-        """Return an INSERT that skips rows whose primary key exists.
-
-        Another replica, or a replayed buffer whose first commit did reach the
-        database, may have stored the same event id since the SELECT above.
-        """
-        if self.dialect == "postgresql":
-            return postgresql.insert(row_type).on_conflict_do_nothing()
-        if self.dialect == "sqlite":
-            return sqlite.insert(row_type).on_conflict_do_nothing()
-        return insert(row_type)
+                row["true_label"] = item.label if item is not None else row.get("true_label")
+                row["labelled_at"] = item.received_at if item is not None else row.get("labelled_at")
+            if self.dialect in ("sqlite", "postgresql"):
+                dialect = postgresql if self.dialect == "postgresql" else sqlite
+                statement = dialect.insert(table).on_conflict_do_nothing().returning(table.c.id)
+                inserted = set(session.execute(statement, rows).scalars())
+            else:
+                existing = set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
+                fresh = [row for row in rows if row["id"] not in existing]
+                if fresh:
+                    session.execute(insert(table), fresh)
+                inserted = {row["id"] for row in fresh}
+            applied = [item for event_id, item in pending.items() if event_id in inserted]
+            for item in applied:
+                session.delete(item)
+        return len(inserted), sorted(set(ids) - inserted), len(applied)
 
     def known_event_ids(self, ids: list[str]) -> set[str]:
-        with self.session() as session:
-            return set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
+        # A Core query on a plain connection: it runs once per ingest batch, and an ORM session adds a
+        # millisecond or so that buys nothing here.
+        table = EventRow.__table__
+        with self.engine.connect() as connection:
+            return set(connection.execute(select(table.c.id).where(table.c.id.in_(ids))).scalars())
 
     def add_pending_labels(self, labels: dict[str, str]) -> None:
         """Keep labels whose events have not arrived; a later label for the same id replaces the earlier."""

@@ -411,7 +411,7 @@ function renderSlices(canary) {
 }
 
 function renderPerClass(canary) {
-  const numeric = [false, true, true, true, true];
+  const numeric = [false, true, true, true, true, true, true];
   const blocks = slices(canary).map(([name, slice]) => {
     const perClass = isObject(slice) ? list(slice.per_class) : [];
     if (!perClass.length) return el("div", {}, el("h4", {}, name), el("p", { class: "muted" }, "-"));
@@ -422,12 +422,14 @@ function renderPerClass(canary) {
       const cls = regressed.has(String(item.label)) ? "regressed" : null;
       const delta = el("span", { class: isNumber(item.delta) && item.delta !== 0 ? (item.delta > 0 ? "delta-up" : "delta-down") : null },
         signed(item.delta, 3));
-      return row([text(item.label), text(item.support), fixed(item.current_f1, 3), fixed(item.candidate_f1, 3), delta],
-        numeric, { class: cls, "data-label": text(item.label) });
+      const lostGained = isNumber(item.lost) ? text(item.lost) + " / " + text(item.gained) : "-";
+      const holm = isNumber(item.adjusted_p) ? item.adjusted_p.toPrecision(2) : "-";
+      return row([text(item.label), text(item.support), fixed(item.current_f1, 3), fixed(item.candidate_f1, 3), delta,
+        lostGained, holm], numeric, { class: cls, "data-label": text(item.label) });
     });
     return el("div", { "data-slice": isObject(slice) ? text(slice.name) : null },
       el("h4", {}, name + " (largest drop first)"),
-      el("div", { class: "scroll" }, table(["Class", "Support", "Current F1", "Candidate F1", "Delta"], rows, numeric)));
+      el("div", { class: "scroll" }, table(["Class", "Support", "Current F1", "Candidate F1", "Delta", "Lost / gained", "Holm p"], rows, numeric)));
   });
   return el("div", { class: "columns", id: "per-class" }, blocks);
 }

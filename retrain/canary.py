@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from scipy.stats import norm
 
 from monitor.errors import ConfigError, DataError
 from retrain.paired_stats import (
@@ -74,18 +75,22 @@ class ComparisonSettings(_FromCanaryConfig):
     seed: seed of the bootstrap's random generator, so a rerun gives the same intervals.
     class_min_support: gold examples a class needs before its F1 change counts as a regression.
     class_regression_margin: F1 drop (current minus candidate) above which a class has regressed.
+    class_alpha: a class has regressed only when, besides the F1 drop, its paired test is
+        significant at this level after Holm's correction over the classes tested (1.0: no test).
     """
 
     bootstrap_samples: int = 1000
     seed: int = 0
     class_min_support: int = 5
     class_regression_margin: float = 0.1
+    class_alpha: float = 0.05
 
     def __post_init__(self) -> None:
         owner = "ComparisonSettings"
         for field_name, minimum in (("bootstrap_samples", 100), ("seed", 0), ("class_min_support", 1)):
             _require_int(owner, field_name, getattr(self, field_name), minimum)
         _require_number(owner, "class_regression_margin", self.class_regression_margin, 0.0, 1.0)
+        _require_number(owner, "class_alpha", self.class_alpha, 0.0, 1.0, low_exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,10 @@ def compare_predictions(
     current_only = sum(cur and not cand for cand, cur in zip(candidate_correct, current_correct))
 
     gold_labels = sorted(set(gold))
-    classes = per_class_f1(gold, current_pred, candidate_pred, gold_labels)
+    regressed, classes = find_regressed_classes(
+        per_class_f1(gold, current_pred, candidate_pred, gold_labels),
+        settings.class_min_support, settings.class_regression_margin, settings.class_alpha,
+    )
     intervals = None
     if n >= 2:
         intervals = paired_bootstrap(gold, current_pred, candidate_pred, gold_labels,
@@ -200,9 +208,7 @@ def compare_predictions(
         macro_f1_diff_ci=intervals.macro_f1_diff if intervals is not None else None,
         accuracy_diff_ci=intervals.accuracy_diff if intervals is not None else None,
         per_class=tuple(classes),
-        regressed_classes=tuple(
-            find_regressed_classes(classes, settings.class_min_support, settings.class_regression_margin)
-        ),
+        regressed_classes=tuple(regressed),
     )
 
 
@@ -412,13 +418,36 @@ def _production_gates(production: SliceComparison | None, gates: CanaryGates) ->
 
 
 def _describe_regressions(test: SliceComparison) -> str:
-    deltas = {item.label: item.delta for item in test.per_class}
-    named = [
-        f"{label} ({deltas[label]:+.3f})" if label in deltas else label
-        for label in test.regressed_classes[:NAMED_CLASSES]
-    ]
+    rows = {item.label: item for item in test.per_class}
+
+    def describe(label: str) -> str:
+        row = rows.get(label)
+        if row is None:
+            return label
+        if row.adjusted_p is None:
+            return f"{label} ({row.delta:+.3f})"
+        return f"{label} ({row.delta:+.3f}, Holm p {row.adjusted_p:.2g})"
+
+    named = [describe(label) for label in test.regressed_classes[:NAMED_CLASSES]]
     rest = len(test.regressed_classes) - len(named)
     return ", ".join(named) + (f" and {rest} more" if rest > 0 else "")
+
+
+def _items_needed(test: SliceComparison, margin: float) -> str:
+    """Return ", about N test items would decide ..." for an undecided non-inferiority gate, or "".
+
+    With d the share of items on which exactly one model is right, the accuracy difference has a
+    standard error of about sqrt(d / n), so its lower bound reaches -margin once
+    n >= (z / (difference + margin))^2 * d, z being the normal quantile of the interval.
+    """
+    discordance = (test.candidate_only_correct + test.current_only_correct) / test.n
+    headroom = test.accuracy_gain + margin
+    if headroom <= 0 or discordance == 0:
+        return ""
+    z = float(norm.ppf(0.5 + CONFIDENCE_LEVEL / 2))
+    needed = math.ceil((z / headroom) ** 2 * discordance)
+    return (f"; at this difference, with the models disagreeing on {discordance:.1%} of the items, about "
+            f"{needed:,} test items would decide")
 
 
 def _test_gates(test: SliceComparison, gates: CanaryGates) -> list[dict]:
@@ -447,8 +476,8 @@ def _test_gates(test: SliceComparison, gates: CanaryGates) -> list[dict]:
         lower_message = (
             f"not decided: the test accuracy difference {difference:+.4f} is within the margin, but its lower "
             f"{CONFIDENCE_LEVEL:.0%} bound {lower:+.4f} is below {lowest_allowed:+.4f}; {test.n} test items are "
-            "too few to show non-inferiority at this margin (more production labels do not change this; "
-            "a person decides, or widen canary.noninferiority_margin)"
+            f"too few to show non-inferiority at this margin{_items_needed(test, gates.noninferiority_margin)} "
+            "(more production labels do not change this; a person decides, or widen canary.noninferiority_margin)"
         )
     classes_passed = regressed <= gates.max_regressed_classes
     if regressed:

@@ -7,7 +7,7 @@ exactly one model is correct, and the bootstrap resamples items, never models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import binom, binomtest, bootstrap
@@ -55,12 +55,22 @@ def mcnemar_midp(candidate_only_correct: int, current_only_correct: int) -> floa
 
 @dataclass(frozen=True)
 class ClassF1:
-    """F1 of both models on one gold label; ``delta`` is candidate minus current."""
+    """F1 of both models on one gold label; ``delta`` is candidate minus current.
+
+    ``lost`` and ``gained`` count the items the candidate gets wrong and the current model
+    right for this label, and the reverse (see ``per_class_f1``). ``p_value`` is the one-sided
+    mid-p value that the candidate is worse on this label, and ``adjusted_p`` that value after
+    Holm's correction over the labels tested together; both are None for an untested label.
+    """
 
     label: str
     support: int
     current_f1: float
     candidate_f1: float
+    lost: int = 0
+    gained: int = 0
+    p_value: float | None = None
+    adjusted_p: float | None = None
 
     @property
     def delta(self) -> float:
@@ -73,15 +83,39 @@ class ClassF1:
             "current_f1": self.current_f1,
             "candidate_f1": self.candidate_f1,
             "delta": self.delta,
+            "lost": self.lost,
+            "gained": self.gained,
+            "p_value": self.p_value,
+            "adjusted_p": self.adjusted_p,
         }
+
+
+def one_sided_midp(lost: int, gained: int) -> float:
+    """Return the one-sided mid-p value of ``lost`` or more losses among ``lost + gained`` discordant items.
+
+    Under the null that both models are equally right on the label, the losses are
+    X ~ Binomial(lost + gained, 0.5), and mid-p = P(X > lost) + P(X = lost) / 2. Returns 1.0
+    without discordant items.
+    """
+    discordant = lost + gained
+    if discordant == 0:
+        return 1.0
+    return float(binom.sf(lost, discordant, 0.5) + 0.5 * binom.pmf(lost, discordant, 0.5))
 
 
 def per_class_f1(
     gold: list[str], current_pred: list[str], candidate_pred: list[str], labels: list[str]
 ) -> list[ClassF1]:
-    """Return the F1 of both models for each label in ``labels``, in that order.
+    """Return the F1 of both models and a paired test for each label in ``labels``, in that order.
 
     A label that a model never predicts correctly has F1 0 (sklearn ``zero_division=0``).
+
+    The test covers the items that bear on the label's F1: those whose gold label or either
+    prediction is the label. A model is right on such an item for this label when it predicts
+    the label exactly when the gold label is the label, so a missed item (recall) and a false
+    alarm (precision) both count as wrong. ``lost`` and ``gained`` are the discordant items
+    and ``p_value`` is ``one_sided_midp(lost, gained)``. ``adjusted_p`` stays None here: the
+    family of labels tested together is chosen by ``find_regressed_classes``.
     """
     _, _, current_f1, support = precision_recall_fscore_support(
         gold, current_pred, labels=labels, average=None, zero_division=0
@@ -89,17 +123,46 @@ def per_class_f1(
     _, _, candidate_f1, _ = precision_recall_fscore_support(
         gold, candidate_pred, labels=labels, average=None, zero_division=0
     )
-    return [
-        ClassF1(label, int(count), float(current_score), float(candidate_score))
-        for label, count, current_score, candidate_score in zip(labels, support, current_f1, candidate_f1)
+    gold_array = np.asarray(gold, dtype=object)
+    current_array = np.asarray(current_pred, dtype=object)
+    candidate_array = np.asarray(candidate_pred, dtype=object)
+    result = []
+    for label, count, current_score, candidate_score in zip(labels, support, current_f1, candidate_f1):
+        is_gold = gold_array == label
+        current_right = (current_array == label) == is_gold
+        candidate_right = (candidate_array == label) == is_gold
+        lost = int(np.sum(current_right & ~candidate_right))
+        gained = int(np.sum(candidate_right & ~current_right))
+        result.append(ClassF1(label, int(count), float(current_score), float(candidate_score), lost, gained,
+                              one_sided_midp(lost, gained)))
+    return result
+
+
+def find_regressed_classes(
+    classes: list[ClassF1], min_support: int, margin: float, alpha: float = 1.0
+) -> tuple[list[str], list[ClassF1]]:
+    """Return the regressed labels, worst first, and ``classes`` with Holm-adjusted p-values filled in.
+
+    The labels with support >= ``min_support`` form the family tested together. A label of the
+    family has regressed when its F1 fell by more than ``margin`` and its Holm-adjusted p-value
+    is below ``alpha``, so that across the family the chance of naming any label whose models
+    are equally good stays at or below ``alpha``. ``alpha`` 1.0 leaves out the test, and the
+    F1 margin alone decides.
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    family = [index for index, item in enumerate(classes) if item.support >= min_support]
+    adjusted: dict[int, float] = {}
+    if family:
+        raw = [classes[index].p_value if classes[index].p_value is not None else 1.0 for index in family]
+        adjusted = dict(zip(family, multipletests(raw, method="holm")[1].tolist()))
+    updated = [replace(item, adjusted_p=adjusted.get(index)) for index, item in enumerate(classes)]
+    regressed = [
+        item for index, item in enumerate(updated)
+        if index in adjusted and item.delta < -margin and (alpha >= 1.0 or adjusted[index] < alpha)
     ]
-
-
-def find_regressed_classes(classes: list[ClassF1], min_support: int, margin: float) -> list[str]:
-    """Return labels with support >= ``min_support`` whose F1 fell by more than ``margin``, worst first."""
-    regressed = [item for item in classes if item.support >= min_support and item.delta < -margin]
     regressed.sort(key=lambda item: (item.delta, item.label))
-    return [item.label for item in regressed]
+    return [item.label for item in regressed], updated
 
 
 @dataclass(frozen=True)

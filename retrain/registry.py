@@ -98,10 +98,18 @@ class Registry:
             pointer = session.get(ActiveRow, 1)
             return pointer.changed_at if pointer else None
 
-    def active_pair(self) -> tuple[str, str] | None:
-        """Return (name, adapter folder) of the active version, for the model server."""
+    def active_for_server(self) -> tuple[str, str, str | None] | None:
+        """Return (name, adapter folder, run id) of the active version, the model server's version source."""
         version = self.active()
-        return (version.name, str(version.adapter_dir)) if version else None
+        return (version.name, str(version.adapter_dir), version.run_id) if version else None
+
+    def candidates_for_server(self, states: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Return (run id, candidate folder) of the runs in ``states`` whose candidate exists, newest first.
+
+        The model server loads these before approval, so that promoting one needs no load.
+        """
+        return [(run["id"], run["candidate_dir"]) for run in self.store.runs(states=states)
+                if run["candidate_dir"] and Path(run["candidate_dir"]).is_dir()]
 
     def get(self, name: str) -> Version:
         with self.store.session() as session:

@@ -4,6 +4,10 @@
 source and loads a new ``Classifier`` in a background thread whenever the active version
 changes, then swaps one reference. A request reads that reference once, so it finishes on
 the model it started with, and its response names the version that computed it.
+
+The holder also keeps models warm, so that a swap does not load from disk while requests
+wait: the candidates that wait for approval are loaded beforehand, and the versions it
+replaced stay in memory for a rollback.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     generate_latest,
@@ -38,7 +44,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VersionSource = Callable[[], "tuple[str, str] | None"]
+# Returns the active (version, adapter_dir), or (version, adapter_dir, origin) where origin
+# names the candidate the version was registered from (the retrain run id), or None.
+VersionSource = Callable[[], "tuple[str, str] | tuple[str, str, str | None] | None"]
+# Returns the candidates to load before they are approved, as (origin, adapter_dir), newest first.
+CandidateSource = Callable[[], "list[tuple[str, str]]"]
 Loader = Callable[[str, str, str], "Classifier"]
 
 # A version that failed to load is retried by the poll thread after this many seconds, so a
@@ -166,6 +176,8 @@ class ServerMetrics:
     active_version: Info
     swaps: Counter
     load_failures: Counter
+    preloads: Counter
+    warm_models: Gauge
 
     @classmethod
     def register(cls, registry: CollectorRegistry) -> ServerMetrics:
@@ -177,6 +189,14 @@ class ServerMetrics:
         )
         for outcome in OUTCOMES:
             requests.labels(outcome=outcome)
+        preloads = Counter(
+            "driftloop_server_preloads_total",
+            "Candidates loaded into memory before approval, by outcome (loaded, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("loaded", "failed"):
+            preloads.labels(outcome=outcome)
         return cls(
             requests=requests,
             latency=Histogram(
@@ -199,6 +219,12 @@ class ServerMetrics:
                 "Failed version lookups and model loads. The previous model keeps serving.",
                 registry=registry,
             ),
+            preloads=preloads,
+            warm_models=Gauge(
+                "driftloop_server_warm_models",
+                "Models held in memory besides the active one: preloaded candidates and replaced versions.",
+                registry=registry,
+            ),
         )
 
 
@@ -211,11 +237,25 @@ class RefreshOutcome:
     error: str | None = None
 
 
+def _candidate_key(origin: str) -> str:
+    return f"candidate:{origin}"
+
+
+def _version_key(key: tuple[str, str]) -> str:
+    return f"version:{key[0]}:{key[1]}"
+
+
 class ModelHolder:
-    """Active Classifier plus the thread that polls the version source and swaps models.
+    """Active Classifier, the models kept warm, and the thread that polls and swaps.
 
     The new model is loaded completely before one attribute assignment activates it. That
     assignment is atomic in CPython, so readers see either the old or the new model.
+
+    Warm models: up to ``preload_candidates`` of the newest candidates from
+    ``candidate_source`` are loaded by the poll thread while they wait for approval, and up
+    to ``keep_previous`` replaced versions stay loaded. Activating a warm model is one
+    assignment, with no disk read or weight copy on the request path. Each warm model costs
+    the memory of one copy of the base model.
     """
 
     def __init__(
@@ -225,11 +265,21 @@ class ModelHolder:
         *,
         poll_interval_s: float,
         metrics: ServerMetrics,
+        candidate_source: CandidateSource | None = None,
+        preload_candidates: int = 1,
+        keep_previous: int = 1,
     ) -> None:
+        if preload_candidates < 0:
+            raise ValueError(f"preload_candidates must be at least 0, got {preload_candidates}")
+        if keep_previous < 0:
+            raise ValueError(f"keep_previous must be at least 0, got {keep_previous}")
         self._version_source = version_source
         self._load = load
         self._poll_interval_s = poll_interval_s
         self._metrics = metrics
+        self._candidate_source = candidate_source
+        self._preload_candidates = preload_candidates
+        self._keep_previous = keep_previous
 
         self._model: Classifier | None = None
         self._active_key: tuple[str, str] | None = None
@@ -240,6 +290,16 @@ class ModelHolder:
         self._last_source_error: str | None = None
         self._warned_no_version = False
 
+        # Warm models by key (_candidate_key or _version_key), oldest first. The dict is
+        # guarded by _warm_lock; a preload runs under _preload_lock and names its key in
+        # _preloading, so that a swap of that candidate waits for it instead of loading twice.
+        self._warm: OrderedDict[str, Classifier] = OrderedDict()
+        self._warm_lock = threading.Lock()
+        self._preload_lock = threading.Lock()
+        self._preloading: str | None = None
+        self._preload_failed_at: dict[str, float] = {}
+        self._last_candidate_error: str | None = None
+
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -247,6 +307,11 @@ class ModelHolder:
     def model(self) -> Classifier | None:
         """Active model, or None before the first successful load."""
         return self._model
+
+    def warm_versions(self) -> list[str]:
+        """Keys of the models kept warm, oldest first, such as ``candidate:r1`` or ``version:v2:/dir``."""
+        with self._warm_lock:
+            return list(self._warm)
 
     def refresh(self, *, force: bool = False) -> RefreshOutcome:
         """Call the version source and load the version if it differs from the active one.
@@ -274,6 +339,7 @@ class ModelHolder:
             self._warned_no_version = False
 
             version, adapter_dir = str(source[0]), str(source[1])
+            origin = source[2] if len(source) > 2 else None
             key = (version, adapter_dir)
             if key == self._active_key:
                 return RefreshOutcome(self._active_version(), changed=False)
@@ -286,44 +352,132 @@ class ModelHolder:
             ):
                 return RefreshOutcome(self._active_version(), changed=False)
 
-            return self._load_and_swap(version, adapter_dir)
+            return self._load_and_swap(version, adapter_dir, origin)
 
-    def _load_and_swap(self, version: str, adapter_dir: str) -> RefreshOutcome:
+    def _take_warm(self, key: tuple[str, str], origin: str | None) -> tuple[Classifier | None, str]:
+        """Remove and return the warm model for ``key``, or for the candidate ``origin``, with how it was found."""
+        wanted = [_version_key(key)]
+        if origin is not None:
+            wanted.append(_candidate_key(origin))
+            if self._preloading == wanted[-1]:
+                # The poll thread is loading this candidate now: wait for it rather than load twice.
+                with self._preload_lock:
+                    pass
+        with self._warm_lock:
+            for warm_key in wanted:
+                model = self._warm.pop(warm_key, None)
+                if model is not None:
+                    self._metrics.warm_models.set(len(self._warm))
+                    return model, warm_key.split(":", 1)[0]
+        return None, "disk"
+
+    def _retire(self, model: Classifier, key: tuple[str, str]) -> None:
+        """Keep the replaced model warm for a rollback, dropping the oldest replaced ones over the limit."""
+        with self._warm_lock:
+            if self._keep_previous > 0:
+                self._warm[_version_key(key)] = model
+            retired = [name for name in self._warm if name.startswith("version:")]
+            for name in retired[: max(0, len(retired) - self._keep_previous)]:
+                del self._warm[name]
+            self._metrics.warm_models.set(len(self._warm))
+
+    def _load_and_swap(self, version: str, adapter_dir: str, origin: str | None) -> RefreshOutcome:
         previous = self._active_version()
-        logger.info(
-            "loading version %s from %s (active: %s)", version, adapter_dir, previous
-        )
         started = time.perf_counter()
-        try:
-            model = self._load(version, adapter_dir)
-        except Exception as exc:
-            self._failed_at[(version, adapter_dir)] = time.monotonic()
-            self._metrics.load_failures.inc()
-            logger.exception(
-                "loading version %s from %s failed, so version %s keeps serving",
-                version,
-                adapter_dir,
-                previous,
+        model, found = self._take_warm((version, adapter_dir), origin)
+        if model is not None:
+            # A preloaded candidate was loaded under its run id; it serves under its version name.
+            model.version = version
+        else:
+            logger.info(
+                "loading version %s from %s (active: %s)", version, adapter_dir, previous
             )
-            return RefreshOutcome(
-                previous,
-                changed=False,
-                error=f"loading version {version} from {adapter_dir} failed: "
-                f"{type(exc).__name__}: {exc}",
-            )
+            try:
+                model = self._load(version, adapter_dir)
+            except Exception as exc:
+                self._failed_at[(version, adapter_dir)] = time.monotonic()
+                self._metrics.load_failures.inc()
+                logger.exception(
+                    "loading version %s from %s failed, so version %s keeps serving",
+                    version,
+                    adapter_dir,
+                    previous,
+                )
+                return RefreshOutcome(
+                    previous,
+                    changed=False,
+                    error=f"loading version {version} from {adapter_dir} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                )
 
+        replaced, replaced_key = self._model, self._active_key
         self._model = model
         self._active_key = (version, adapter_dir)
         self._failed_at.pop((version, adapter_dir), None)
+        if replaced is not None and replaced_key is not None:
+            self._retire(replaced, replaced_key)
         self._metrics.swaps.inc()
         self._metrics.active_version.info({"version": model.version})
         logger.info(
-            "version %s is active (previous: %s), loaded in %.2f s",
+            "version %s is active (previous: %s), from %s in %.3f s",
             model.version,
             previous,
+            {"disk": "a load", "candidate": "the preloaded candidate", "version": "memory"}[found],
             time.perf_counter() - started,
         )
         return RefreshOutcome(model.version, changed=True)
+
+    def preload(self) -> list[str]:
+        """Load the newest waiting candidates that are not warm yet; return the keys loaded.
+
+        Candidates that left the source are dropped from memory. A failed preload is logged
+        and retried after FAILED_LOAD_RETRY_S; the swap then loads the version itself.
+        """
+        if self._candidate_source is None or self._preload_candidates == 0:
+            return []
+        try:
+            candidates = list(self._candidate_source())[: self._preload_candidates]
+        except Exception as exc:
+            error = f"candidate source failed: {type(exc).__name__}: {exc}"
+            if error != self._last_candidate_error:
+                logger.warning("%s, so no candidate is preloaded", error)
+                self._last_candidate_error = error
+            return []
+        self._last_candidate_error = None
+
+        wanted = {_candidate_key(origin): str(adapter_dir) for origin, adapter_dir in candidates}
+        with self._warm_lock:
+            for name in [name for name in self._warm if name.startswith("candidate:") and name not in wanted]:
+                del self._warm[name]
+                logger.info("dropped preloaded %s: it no longer waits for approval", name)
+            self._metrics.warm_models.set(len(self._warm))
+            missing = [(name, path) for name, path in wanted.items() if name not in self._warm]
+
+        loaded = []
+        for name, adapter_dir in missing:
+            failed_at = self._preload_failed_at.get(name)
+            if failed_at is not None and time.monotonic() - failed_at < FAILED_LOAD_RETRY_S:
+                continue
+            with self._preload_lock:
+                self._preloading = name
+                try:
+                    started = time.perf_counter()
+                    model = self._load(name, adapter_dir)
+                except Exception as exc:
+                    self._preload_failed_at[name] = time.monotonic()
+                    self._metrics.preloads.labels(outcome="failed").inc()
+                    logger.warning("preloading %s from %s failed: %s: %s", name, adapter_dir, type(exc).__name__, exc)
+                    continue
+                finally:
+                    self._preloading = None
+            with self._warm_lock:
+                self._warm[name] = model
+                self._metrics.warm_models.set(len(self._warm))
+            self._preload_failed_at.pop(name, None)
+            self._metrics.preloads.labels(outcome="loaded").inc()
+            loaded.append(name)
+            logger.info("preloaded %s from %s in %.2f s", name, adapter_dir, time.perf_counter() - started)
+        return loaded
 
     def _record_source_error(self, exc: Exception) -> RefreshOutcome:
         self._metrics.load_failures.inc()
@@ -363,9 +517,10 @@ class ModelHolder:
         while not self._stop.wait(self._poll_interval_s):
             try:
                 self.refresh()
+                self.preload()
             except Exception:
-                # refresh() catches load and source errors itself. This keeps the thread
-                # alive after anything else.
+                # refresh() and preload() catch load and source errors themselves. This
+                # keeps the thread alive after anything else.
                 logger.exception("model poll failed")
 
 
@@ -381,10 +536,16 @@ def create_app(
     num_threads: int | None = None,
     registry: CollectorRegistry | None = None,
     loader: Loader | None = None,
+    candidate_source: CandidateSource | None = None,
+    preload_candidates: int = 1,
+    keep_previous: int = 1,
 ) -> FastAPI:
     """Build the inference app.
 
-    ``version_source`` returns the active ``(version_name, adapter_dir)`` or None. ``loader``
+    ``version_source`` returns the active ``(version_name, adapter_dir)``, optionally with the
+    run id it was registered from as a third item, or None. ``candidate_source``,
+    ``preload_candidates`` and ``keep_previous`` set the models kept warm (see
+    ``ModelHolder``). ``loader``
     is called as ``loader(base_model, adapter_dir, version)`` and defaults to
     ``Classifier.load`` with ``device`` and ``num_threads``. At startup the app loads the
     first version before it accepts requests, starts the poll thread and starts ``emitter``.
@@ -420,6 +581,9 @@ def create_app(
         lambda version, adapter_dir: loader(base_model, adapter_dir, version),
         poll_interval_s=poll_interval_s,
         metrics=metrics,
+        candidate_source=candidate_source,
+        preload_candidates=preload_candidates,
+        keep_previous=keep_previous,
     )
 
     @asynccontextmanager

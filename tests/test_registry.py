@@ -147,3 +147,21 @@ def test_cli_bad_config_exits_2(tmp_path, capsys):
     config.write_text("monitor:\n  window_size: 1\n")
     assert main(["versions", "--config", str(config)]) == 2
     assert "monitor.window_size" in capsys.readouterr().err
+
+
+def test_server_sources_name_the_run_and_the_waiting_candidates(registry, tmp_path):
+    store = registry.store
+    assert registry.active_for_server() is None
+    for run_id, state in (("r1", "pending_approval"), ("r2", "awaiting_data"), ("r3", "rejected"),
+                          ("r4", "pending_approval")):
+        store.create_run(run_id, "queued", "v1", {})
+        folder = make_candidate(tmp_path / "runs" / run_id) if run_id != "r4" else tmp_path / "runs" / "r4-deleted"
+        store.update_run(run_id, state=state, candidate_dir=str(folder))
+
+    waiting = registry.candidates_for_server(("pending_approval", "awaiting_data"))
+    # r3 is no longer waiting and r4's folder is gone; the newest comes first.
+    assert sorted(waiting) == [("r1", str(tmp_path / "runs" / "r1")), ("r2", str(tmp_path / "runs" / "r2"))]
+
+    version = registry.register(tmp_path / "runs" / "r1", parent=None, run_id="r1", actor="test")
+    registry.activate(version.name, actor="test")
+    assert registry.active_for_server() == ("v1", str(version.adapter_dir), "r1")

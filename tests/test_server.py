@@ -435,3 +435,201 @@ def test_base_cache_loads_match_disk_loads(tiny_model_dir, adapters, expected_pr
     for version in ("v1", "v1", "v2", "v2", "v1"):
         model = Classifier.load(str(tiny_model_dir), adapters[version], version, device="cpu", base_cache=cache)
         np.testing.assert_allclose(model.predict_proba(PROBE_TEXTS), expected_probabilities[version], atol=1e-5)
+
+
+# Models kept warm: preloaded candidates and replaced versions
+
+
+class CountingLoader:
+    """Loads through one BaseModelCache and records each (version, adapter_dir) it loaded."""
+
+    def __init__(self, tiny_model_dir) -> None:
+        from retrain.model import BaseModelCache
+
+        self.base = str(tiny_model_dir)
+        self.cache = BaseModelCache()
+        self.calls: list[tuple[str, str]] = []
+        self.gate: threading.Event | None = None
+
+    def __call__(self, version: str, adapter_dir: str):
+        self.calls.append((version, adapter_dir))
+        if self.gate is not None:
+            assert self.gate.wait(30), "test gate never opened"
+        return Classifier.load(self.base, adapter_dir, version, device="cpu", base_cache=self.cache)
+
+
+def _holder(loader, version_source, candidate_source=None, **kwargs):
+    from retrain.server import ModelHolder, ServerMetrics
+
+    metrics = ServerMetrics.register(CollectorRegistry())
+    holder = ModelHolder(version_source, loader, poll_interval_s=60.0, metrics=metrics,
+                         candidate_source=candidate_source, **kwargs)
+    return holder, metrics
+
+
+def _registered_copy(adapter_dir: Path, target: Path) -> str:
+    """Copy an adapter folder, as the registry's rename gives a candidate a new path."""
+    import shutil
+
+    shutil.copytree(adapter_dir, target)
+    return str(target)
+
+
+def test_preloaded_candidate_swaps_without_a_load(tiny_model_dir, adapters, expected_probabilities, tmp_path):
+    loader = CountingLoader(tiny_model_dir)
+    active = ["v1", str(adapters["v1"]), None]
+    candidates = [("r7", str(adapters["v2"]))]
+    holder, metrics = _holder(loader, lambda: tuple(active), lambda: list(candidates))
+
+    assert holder.refresh().version == "v1"
+    assert holder.preload() == ["candidate:r7"]
+    assert holder.preload() == []  # already warm
+    assert holder.warm_versions() == ["candidate:r7"]
+    assert metrics.preloads.labels(outcome="loaded")._value.get() == 1
+    assert len(loader.calls) == 2
+
+    # Promotion renames the candidate folder to the version's and names its run.
+    active[:] = ["v2", _registered_copy(adapters["v2"], tmp_path / "v2"), "r7"]
+    outcome = holder.refresh()
+
+    assert outcome.changed and outcome.version == "v2"
+    assert len(loader.calls) == 2, "the swap loaded from disk although the candidate was warm"
+    assert holder.model.version == "v2"
+    np.testing.assert_allclose(holder.model.predict_proba(PROBE_TEXTS), expected_probabilities["v2"], atol=1e-5)
+    # The replaced version stays warm for a rollback; the candidate left the warm set.
+    assert holder.warm_versions() == [f"version:v1:{adapters['v1']}"]
+    assert metrics.warm_models._value.get() == 1
+
+
+def test_rollback_to_replaced_version_swaps_without_a_load(tiny_model_dir, adapters, expected_probabilities):
+    loader = CountingLoader(tiny_model_dir)
+    source = VersionSource(adapters, active="v1")
+    holder, _ = _holder(loader, source)
+    holder.refresh()
+    source.activate("v2")
+    holder.refresh()
+    assert [version for version, _ in loader.calls] == ["v1", "v2"]
+
+    source.activate("v1")
+    assert holder.refresh().version == "v1"
+    source.activate("v2")
+    assert holder.refresh().version == "v2"
+
+    assert [version for version, _ in loader.calls] == ["v1", "v2"]
+    np.testing.assert_allclose(holder.model.predict_proba(PROBE_TEXTS), expected_probabilities["v2"], atol=1e-5)
+
+
+def test_no_warm_models_when_disabled(tiny_model_dir, adapters):
+    loader = CountingLoader(tiny_model_dir)
+    source = VersionSource(adapters, active="v1")
+    holder, metrics = _holder(loader, source, lambda: [("r1", str(adapters["v2"]))],
+                              preload_candidates=0, keep_previous=0)
+    holder.refresh()
+    assert holder.preload() == []
+    source.activate("v2")
+    holder.refresh()
+    source.activate("v1")
+    holder.refresh()
+
+    assert [version for version, _ in loader.calls] == ["v1", "v2", "v1"]
+    assert holder.warm_versions() == []
+    assert metrics.warm_models._value.get() == 0
+
+
+def test_candidate_that_stops_waiting_is_dropped(tiny_model_dir, adapters):
+    loader = CountingLoader(tiny_model_dir)
+    candidates = [("r1", str(adapters["v2"]))]
+    holder, _ = _holder(loader, VersionSource(adapters, active="v1"), lambda: list(candidates))
+    holder.refresh()
+    holder.preload()
+    assert holder.warm_versions() == ["candidate:r1"]
+
+    candidates.clear()  # rejected, cancelled or superseded
+    holder.preload()
+    assert holder.warm_versions() == []
+
+
+def test_only_the_newest_candidates_are_preloaded(tiny_model_dir, adapters):
+    loader = CountingLoader(tiny_model_dir)
+    candidates = [("r2", str(adapters["v2"])), ("r1", str(adapters["v1"]))]
+    holder, _ = _holder(loader, VersionSource(adapters, active="v1"), lambda: list(candidates))
+    holder.refresh()
+
+    assert holder.preload() == ["candidate:r2"]
+
+
+def test_failed_preload_is_counted_and_the_swap_still_loads(tiny_model_dir, adapters, tmp_path, caplog):
+    loader = CountingLoader(tiny_model_dir)
+    missing = tmp_path / "gone"
+    active = ["v1", str(adapters["v1"]), None]
+    holder, metrics = _holder(loader, lambda: tuple(active), lambda: [("r3", str(missing))])
+    holder.refresh()
+
+    with caplog.at_level("WARNING", logger="retrain.server"):
+        assert holder.preload() == []
+    assert f"preloading candidate:r3 from {missing} failed" in caplog.text
+    assert metrics.preloads.labels(outcome="failed")._value.get() == 1
+    assert holder.preload() == []  # not retried within FAILED_LOAD_RETRY_S
+    assert metrics.preloads.labels(outcome="failed")._value.get() == 1
+
+    active[:] = ["v2", str(adapters["v2"]), "r3"]
+    assert holder.refresh().version == "v2"
+    assert holder.model.version == "v2"
+
+
+def test_candidate_source_error_keeps_serving(tiny_model_dir, adapters, caplog):
+    def broken():
+        raise RuntimeError("database is locked")
+
+    loader = CountingLoader(tiny_model_dir)
+    holder, _ = _holder(loader, VersionSource(adapters, active="v1"), broken)
+    holder.refresh()
+    with caplog.at_level("WARNING", logger="retrain.server"):
+        assert holder.preload() == []
+        assert holder.preload() == []
+    assert caplog.text.count("candidate source failed: RuntimeError: database is locked") == 1
+    assert holder.model.version == "v1"
+
+
+def test_swap_waits_for_the_preload_in_flight(tiny_model_dir, adapters):
+    """Approval during the candidate's preload: the swap uses that load instead of a second one."""
+    loader = CountingLoader(tiny_model_dir)
+    active = ["v1", str(adapters["v1"]), None]
+    holder, _ = _holder(loader, lambda: tuple(active), lambda: [("r5", str(adapters["v2"]))])
+    holder.refresh()
+
+    loader.gate = threading.Event()
+    preloading = threading.Thread(target=holder.preload)
+    preloading.start()
+    deadline = time.monotonic() + 10
+    while len(loader.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    active[:] = ["v2", str(adapters["v2"]), "r5"]
+    swapping = threading.Thread(target=holder.refresh)
+    swapping.start()
+    time.sleep(0.2)
+    assert holder.model.version == "v1", "the swap did not wait for the preload"
+    loader.gate.set()
+    preloading.join(30)
+    swapping.join(30)
+
+    assert holder.model.version == "v2"
+    assert [version for version, _ in loader.calls] == ["v1", "candidate:r5"]
+
+
+@pytest.mark.parametrize("field, value", [("preload_candidates", -1), ("keep_previous", -2)])
+def test_negative_warm_limits_are_rejected(tiny_model_dir, adapters, field, value):
+    with pytest.raises(ValueError, match=f"{field} must be at least 0, got {value}"):
+        _holder(CountingLoader(tiny_model_dir), VersionSource(adapters, active="v1"), **{field: value})
+
+
+def test_poll_thread_preloads_candidates(tiny_model_dir, source, adapters):
+    app = _make_app(tiny_model_dir, source, poll_interval_s=0.05,
+                    candidate_source=lambda: [("r9", str(adapters["v2"]))])
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 20
+        while "driftloop_server_warm_models 1.0" not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the poll thread did not preload the candidate"
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    assert 'driftloop_server_preloads_total{outcome="loaded"} 1.0' in metrics
