@@ -347,9 +347,10 @@ class ResourcesConfig(_Section):
                     "logged; null disables the check. It caps nothing: the container's memory limit is the hard limit.")
     embedding_max_texts_per_s: float | None = Field(
         None, gt=0.0,
-        description="CPU budget of window embeddings: texts embedded per second of traffic. A window that filled in "
-                    "T seconds tests at most this times T of its sampled texts (never fewer than detectors.min_samples); "
-                    "null tests the whole sample.")
+        description="CPU budget of window embeddings: texts embedded per second. A window that filled in T seconds "
+                    "tests at most this times T of its sampled texts (never fewer than detectors.min_samples), and a "
+                    "window is skipped, and counted, when the texts embedded lately exceed this rate; null tests the "
+                    "whole sample of every window.")
 
 
 class AuthConfig(_Section):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -33,7 +34,14 @@ from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events,
 from monitor.metrics import CANARY_STATUSES, RUN_STATES, MonitorMetrics
 from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
-from monitor.resources import MemoryWatch, ResourceMetrics, apply_thread_limits, embedding_cap, limit_sample
+from monitor.resources import (
+    EmbeddingBudget,
+    MemoryWatch,
+    ResourceMetrics,
+    apply_thread_limits,
+    embedding_cap,
+    limit_sample,
+)
 from monitor.sampling import Observation, WindowSampler
 from monitor.event_buffer import EventBuffer
 from monitor.leader import Leadership
@@ -106,6 +114,29 @@ def explain_drift(report) -> dict[str, Any]:
     return explanation
 
 
+class CountedWarning:
+    """A warning that may repeat many times a second, logged at most once per ``interval_s`` with its count."""
+
+    def __init__(self, interval_s: float = 60.0, clock=time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.count = 0
+        self.since = clock()
+        self.logged_at: float | None = None
+
+    def add(self, message: str, *args) -> bool:
+        """Count one occurrence; log ``message % (count, seconds, *args)`` when due and return whether it logged."""
+        now = self.clock()
+        if self.count == 0:
+            self.since = now
+        self.count += 1
+        if self.logged_at is not None and now - self.logged_at < self.interval_s:
+            return False
+        logger.warning(message, self.count, now - self.since, *args)
+        self.count, self.since, self.logged_at = 0, now, now
+        return True
+
+
 def new_run_id() -> str:
     return "r" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:4]
 
@@ -160,6 +191,11 @@ class MonitorDaemon:
         self.tick_lock = threading.Lock()
         self.resource_metrics = ResourceMetrics(self.metrics.registry)
         self.memory = MemoryWatch(config.resources.memory_soft_limit_mb, self.resource_metrics)
+        rate = config.resources.embedding_max_texts_per_s
+        self.embedding_budget = EmbeddingBudget(rate, burst=config.monitor.sample_size) if rate else None
+        # Windows skipped or dropped since their last log line: under heavy traffic these happen
+        # several times a second, so they are logged as a count once a minute.
+        self.unevaluated = {"skipped": CountedWarning(), "dropped": CountedWarning()}
 
     # Lifecycle
 
@@ -190,6 +226,8 @@ class MonitorDaemon:
                 raise RegistryError("no active adapter version; run `driftloop bootstrap` first")
             self.startup_phase = f"loading the reference profile of version {active.name}"
             self._activate_reference(active.name)
+            self.startup_phase = "taking back the windows the last shutdown left"
+            self._restore_windows()
             self.scheduler.add_job(self.tick, "interval", seconds=self.config.monitor.check_interval_s,
                                    max_instances=1, coalesce=True, id="driftloop-check")
             # A tick that outlasts the interval (a window evaluation can) makes APScheduler warn about
@@ -255,8 +293,53 @@ class MonitorDaemon:
         self.metrics.record_reference(float(profile.val_confidences.mean()) if len(profile.val_confidences) else None,
                                       evaluator.accuracy_estimator.validation_accuracy_)
 
-    def _open_window(self, version: str | None) -> OpenWindow:
-        return OpenWindow(new_window_id(), WindowSampler(self.config.monitor.sample_size, seed=self.config.detectors.seed), version)
+    def _restore_windows(self) -> None:
+        """Take back the windows that the last shutdown on this host left unevaluated.
+
+        Their events are in the store with their window id. Closed windows wait for the next
+        check; the window that was open goes on filling under its id. Windows of a version that
+        is no longer active are left alone, because their reference is gone. The outcome is
+        audited, so a second restart does not take them again.
+        """
+        host = socket.gethostname()
+        entry = self.store.last_audit_entry(("windows_not_evaluated", "windows_restored"),
+                                            detail_key="host", detail_value=host)
+        if entry is None or entry["action"] != "windows_not_evaluated":
+            return
+        restored: list[dict[str, Any]] = []
+        skipped = None
+        if entry["version"] != self.active_name:
+            skipped = f"they belong to version {entry['version']}, and version {self.active_name} is active"
+        else:
+            for item in entry["detail"].get("windows", []):
+                window = self._open_window(self.active_name, window_id=item["id"])
+                for row in self.store.events_of_window(item["id"]):
+                    window.sampler.add(Observation(event_id=row["id"], text=row["text"],
+                                                   predicted_label=row["predicted_label"],
+                                                   confidence=row["confidence"], latency_ms=row["latency_ms"],
+                                                   version=row["version"], received_at=row["received_at"]))
+                if not window.sampler.count:
+                    continue
+                closed = item.get("closed", True) or window.sampler.count >= self.config.monitor.window_size
+                with self.lock:
+                    if closed:
+                        self.pending.append(window)
+                    else:
+                        self.window = window
+                restored.append({"id": window.id, "events": window.sampler.count, "closed": closed})
+        self.store.audit("daemon", "windows_restored", version=self.active_name,
+                         detail={"host": host, "from_audit_id": entry["id"], "windows": restored,
+                                 **({"skipped": skipped} if skipped else {})})
+        if skipped:
+            logger.warning("windows left by the last shutdown are not taken back: %s", skipped)
+        else:
+            logger.info("took back %d windows left by the last shutdown: %s", len(restored),
+                        ", ".join(f"{item['id']} ({item['events']} events, {'closed' if item['closed'] else 'open'})"
+                                  for item in restored))
+
+    def _open_window(self, version: str | None, window_id: str | None = None) -> OpenWindow:
+        sampler = WindowSampler(self.config.monitor.sample_size, seed=self.config.detectors.seed)
+        return OpenWindow(window_id or new_window_id(), sampler, version)
 
     # Ingest
 
@@ -279,6 +362,7 @@ class MonitorDaemon:
                 self.window.sampler.add(Observation(
                     event_id=row["id"], text=row["text"], predicted_label=row["predicted_label"],
                     confidence=row["confidence"], latency_ms=row["latency_ms"], version=row["version"],
+                    received_at=row["received_at"],
                 ))
                 if self.window.sampler.count >= self.config.monitor.window_size:
                     self._close_window()
@@ -299,7 +383,9 @@ class MonitorDaemon:
         if len(self.pending) > self.config.monitor.max_pending_windows:
             dropped = self.pending.popleft()
             self.metrics.windows_dropped.inc()
-            logger.warning("evaluation is behind: dropped closed window %s (%d events)", dropped.id, dropped.sampler.count)
+            self.unevaluated["dropped"].add(
+                "evaluation is behind: dropped %d closed windows in %.0f s, the last %s (%d events); their events "
+                "are stored (monitor.max_pending_windows)", dropped.id, dropped.sampler.count)
         self.window = self._open_window(self.active_name)
 
     def _known_event_ids(self, ids: list[str]) -> tuple[set[str], bool]:
@@ -515,6 +601,13 @@ class MonitorDaemon:
         span = (sampler.last_at or started) - (sampler.started_at or started)
         cap = embedding_cap(self.config.resources.embedding_max_texts_per_s, span,
                             sample_size=self.config.monitor.sample_size, min_samples=self.config.detectors.min_samples)
+        if (self.embedding_budget is not None and cap is not None
+                and not self.embedding_budget.take(min(cap, len(sampler.sample)))):
+            self.resource_metrics.windows_skipped.inc()
+            self.unevaluated["skipped"].add(
+                "embedding budget spent: skipped %d closed windows in %.0f s, the last %s (%d events); their events "
+                "are stored (resources.embedding_max_texts_per_s)", window.id, sampler.count)
+            return
         report = self.evaluator.evaluate(window.id, limit_sample(sampler, cap, seed=self.config.detectors.seed))
         self.metrics.evaluation_seconds.observe(time.time() - started)
         labelled, accuracy = self.store.window_accuracy(window.id)

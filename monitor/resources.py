@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,10 @@ class ResourceMetrics:
         self.window_embedding_cap = Gauge(
             "driftloop_window_embedding_cap_texts",
             "Cap on embedded texts that resources.embedding_max_texts_per_s set for the last window; NaN when no cap.",
+            registry=registry)
+        self.windows_skipped = Counter(
+            "driftloop_windows_skipped_total",
+            "Closed windows not evaluated because the embedding budget was spent; their events stay stored.",
             registry=registry)
 
 
@@ -145,6 +150,37 @@ def embedding_cap(max_texts_per_s: float | None, span_s: float, *, sample_size: 
     allowed = int(max_texts_per_s * max(span_s, 0.0))
     rounded = (allowed // step) * step
     return min(sample_size, max(rounded, min_samples))
+
+
+class EmbeddingBudget:
+    """Token bucket of embedded texts that keeps window evaluation at ``rate`` texts a second.
+
+    ``embedding_cap`` sizes one window by how long it took to fill, but never below
+    ``detectors.min_samples``. Windows that fill in a fraction of a second (thousands of
+    events a second) would each still embed that floor, so the sidecar would spend its core
+    on embeddings instead of ingest. The bucket gains ``rate`` texts a second of wall time,
+    keeps at most ``burst``, and a window is evaluated only when the bucket contains its cap.
+    Skipped windows are counted; their events stay in the store with their window id.
+    """
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError(f"rate and burst must be positive, got rate={rate!r} burst={burst!r}")
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.credit = burst
+        self._last = clock()
+
+    def take(self, texts: int) -> bool:
+        """Spend ``texts`` and return True when the bucket contains them; otherwise return False and spend nothing."""
+        now = self.clock()
+        self.credit = min(self.burst, self.credit + (now - self._last) * self.rate)
+        self._last = now
+        if self.credit < texts:
+            return False
+        self.credit -= texts
+        return True
 
 
 def limit_sample(sampler: WindowSampler, cap: int | None, seed: int) -> WindowSampler:

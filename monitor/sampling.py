@@ -25,6 +25,8 @@ class Observation:
     confidence: float
     latency_ms: float | None = None
     version: str | None = None
+    # When the monitor received it (Unix seconds); None means when it is added to a window.
+    received_at: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -86,7 +88,9 @@ class WindowSampler:
         """Add one observation to the streaming figures and, with the reservoir probability, to the sample."""
         if not isinstance(obs, Observation):
             raise DataError(f"expected an Observation, got {type(obs).__name__}")
-        now = time.time()
+        # The window's span uses the time the event was received, the same clock the store's
+        # received_at uses, so "labelled events since the window started" includes this one.
+        now = obs.received_at if obs.received_at is not None else time.time()
         if self.started_at is None:
             self.started_at = now
         self.last_at = now

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -114,11 +115,11 @@ class ShutdownDrain:
             if daemon.window.sampler.count:
                 left.append({"id": daemon.window.id, "events": daemon.window.sampler.count, "closed": False})
         if left:
-            # NOTE: a restarted sidecar does not evaluate these windows; their events stay in the store.
+            # The next start on this host takes these windows back (MonitorDaemon._restore_windows).
             logger.warning("shutdown leaves %d windows unevaluated (events stored with their window id): %s",
                            len(left), ", ".join(f"{item['id']} ({item['events']} events)" for item in left))
             daemon.store.audit("daemon", "windows_not_evaluated", version=daemon.active_name,
-                               detail={"reason": "sidecar shutdown", "windows": left})
+                               detail={"reason": "sidecar shutdown", "host": socket.gethostname(), "windows": left})
         return evaluated, left
 
     def _wait_for_retrain(self) -> str | None:

@@ -282,8 +282,8 @@ class Store:
         """Insert events and attach their pending labels.
 
         Returns (inserted count, ids that already existed, pending labels applied). On SQLite
-        and PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` both skips the
-        stored ids and tells which rows went in, so a duplicate from another replica, or from a
+        and PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` skips the stored
+        ids and returns the ids it inserted. So a duplicate from another replica, or from a
         replayed buffer whose first commit reached the database, needs no SELECT beforehand.
         """
         rows = [dict(row) for row in rows]
@@ -553,6 +553,30 @@ class Store:
             return
         with self.session() as own:
             own.add(row)
+
+    def last_audit_entry(self, actions: Iterable[str], *, detail_key: str, detail_value: Any,
+                         scan: int = 200) -> dict[str, Any] | None:
+        """Return the newest audit entry with one of ``actions`` whose detail has ``detail_key`` equal to
+        ``detail_value``, among the newest ``scan`` entries with those actions; None when there is none."""
+        with self.session() as session:
+            rows = session.scalars(select(AuditRow).where(AuditRow.action.in_(list(actions)))
+                                   .order_by(AuditRow.id.desc()).limit(scan))
+            for row in rows:
+                detail = json.loads(row.detail)
+                if detail.get(detail_key) == detail_value:
+                    return {"id": row.id, "timestamp": row.timestamp, "actor": row.actor, "action": row.action,
+                            "run_id": row.run_id, "version": row.version, "detail": detail}
+        return None
+
+    def events_of_window(self, window_id: str) -> list[dict[str, Any]]:
+        """Return the stored events of one window in arrival order."""
+        table = EventRow.__table__
+        with self.engine.connect() as connection:
+            result = connection.execute(select(table.c.id, table.c.text, table.c.predicted_label, table.c.confidence,
+                                               table.c.latency_ms, table.c.version, table.c.received_at)
+                                        .where(table.c.window_id == window_id)
+                                        .order_by(table.c.received_at, table.c.id))
+            return [dict(row._mapping) for row in result]
 
     def audit_ids(self, actions: Iterable[str], since_id: int = 0) -> list[int]:
         """Return the ids of audit entries with one of ``actions`` after ``since_id``, oldest first."""

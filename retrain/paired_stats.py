@@ -59,8 +59,8 @@ class ClassF1:
 
     ``lost`` and ``gained`` count the items the candidate gets wrong and the current model
     right for this label, and the reverse (see ``per_class_f1``). ``p_value`` is the one-sided
-    mid-p value that the candidate is worse on this label, and ``adjusted_p`` that value after
-    Holm's correction over the labels tested together; both are None for an untested label.
+    mid-p value that the candidate is worse on this label. ``adjusted_p`` is that value after
+    Holm's correction over the labels tested together. Both are None for an untested label.
     """
 
     label: str
@@ -145,9 +145,9 @@ def find_regressed_classes(
 
     The labels with support >= ``min_support`` form the family tested together. A label of the
     family has regressed when its F1 fell by more than ``margin`` and its Holm-adjusted p-value
-    is below ``alpha``, so that across the family the chance of naming any label whose models
-    are equally good stays at or below ``alpha``. ``alpha`` 1.0 leaves out the test, and the
-    F1 margin alone decides.
+    is below ``alpha``. Holm's correction keeps the chance of naming any label on which both
+    models are equally good at or below ``alpha`` across the family. ``alpha`` 1.0 leaves out
+    the test, and the F1 margin alone decides.
     """
     from statsmodels.stats.multitest import multipletests
 

@@ -290,9 +290,9 @@ class ModelHolder:
         self._last_source_error: str | None = None
         self._warned_no_version = False
 
-        # Warm models by key (_candidate_key or _version_key), oldest first. The dict is
-        # guarded by _warm_lock; a preload runs under _preload_lock and names its key in
-        # _preloading, so that a swap of that candidate waits for it instead of loading twice.
+        # Warm models by key (_candidate_key or _version_key), oldest first, guarded by
+        # _warm_lock. A preload runs under _preload_lock and names its key in _preloading, so
+        # that a swap of that candidate waits for it instead of loading twice.
         self._warm: OrderedDict[str, Classifier] = OrderedDict()
         self._warm_lock = threading.Lock()
         self._preload_lock = threading.Lock()
@@ -356,15 +356,15 @@ class ModelHolder:
 
     def _take_warm(self, key: tuple[str, str], origin: str | None) -> tuple[Classifier | None, str]:
         """Remove and return the warm model for ``key``, or for the candidate ``origin``, with how it was found."""
-        wanted = [_version_key(key)]
+        keys = [_version_key(key)]
         if origin is not None:
-            wanted.append(_candidate_key(origin))
-            if self._preloading == wanted[-1]:
-                # The poll thread is loading this candidate now: wait for it rather than load twice.
+            keys.append(_candidate_key(origin))
+            if self._preloading == keys[-1]:
+                # The poll thread is loading this candidate now, so wait for it rather than load twice.
                 with self._preload_lock:
                     pass
         with self._warm_lock:
-            for warm_key in wanted:
+            for warm_key in keys:
                 model = self._warm.pop(warm_key, None)
                 if model is not None:
                     self._metrics.warm_models.set(len(self._warm))
@@ -386,7 +386,7 @@ class ModelHolder:
         started = time.perf_counter()
         model, found = self._take_warm((version, adapter_dir), origin)
         if model is not None:
-            # A preloaded candidate was loaded under its run id; it serves under its version name.
+            # A preloaded candidate was loaded under its run id, and it serves under its version name.
             model.version = version
         else:
             logger.info(
@@ -445,13 +445,13 @@ class ModelHolder:
             return []
         self._last_candidate_error = None
 
-        wanted = {_candidate_key(origin): str(adapter_dir) for origin, adapter_dir in candidates}
+        waiting = {_candidate_key(origin): str(adapter_dir) for origin, adapter_dir in candidates}
         with self._warm_lock:
-            for name in [name for name in self._warm if name.startswith("candidate:") and name not in wanted]:
+            for name in [name for name in self._warm if name.startswith("candidate:") and name not in waiting]:
                 del self._warm[name]
                 logger.info("dropped preloaded %s: it no longer waits for approval", name)
             self._metrics.warm_models.set(len(self._warm))
-            missing = [(name, path) for name, path in wanted.items() if name not in self._warm]
+            missing = [(name, path) for name, path in waiting.items() if name not in self._warm]
 
         loaded = []
         for name, adapter_dir in missing:

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny randomly initialised BERT that trains in milliseconds."""
 
 import os
+import threading
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,3 +246,32 @@ def database_url(request, tmp_path):
         (tmp_path / "state").mkdir(exist_ok=True)
         return f"sqlite:///{tmp_path / 'state' / 'driftloop.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+class ServerThread:
+    """uvicorn serving an app on a free 127.0.0.1 port in a background thread, as a context manager."""
+
+    def __init__(self, app, lifespan: str = "on") -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start within 30 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -18,7 +18,15 @@ from prometheus_client import CollectorRegistry
 from monitor.api import create_app
 from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
-from monitor.resources import MIB, MemoryWatch, ResourceMetrics, apply_thread_limits, embedding_cap, limit_sample
+from monitor.resources import (
+    MIB,
+    EmbeddingBudget,
+    MemoryWatch,
+    ResourceMetrics,
+    apply_thread_limits,
+    embedding_cap,
+    limit_sample,
+)
 from monitor.sampling import Observation, WindowSampler
 from monitor.shutdown import ShutdownDrain
 from monitor.store import Store
@@ -145,6 +153,76 @@ def test_drain_out_of_time_records_windows(daemon):
     assert [window["id"] for window in summary["windows_left"]] == closed
     assert daemon.store.windows(limit=10) == []
     assert daemon.store.known_event_ids([f"op-{i}" for i in range(2000, 2080)]) == {f"op-{i}" for i in range(2000, 2080)}
+
+
+def _restarted(config_raw: dict) -> MonitorDaemon:
+    restarted = MonitorDaemon(parse_config(config_raw), registry=CollectorRegistry())
+    restarted.start(background=False)
+    assert restarted.ready, restarted.startup_error
+    return restarted
+
+
+def test_restart_takes_back_windows_left_by_shutdown(fresh):
+    first = MonitorDaemon(parse_config(fresh), registry=CollectorRegistry())
+    first.start(background=False)
+    first.ingest_events(events(95, 3000))  # two closed windows of 40 and 15 events in the open one
+    closed = [window.id for window in first.pending]
+    open_window = first.window.id
+    now = [100.0]
+    drain = ShutdownDrain(first, grace_s=10, on_done=lambda: None, on_force=lambda: None, clock=lambda: now[0])
+    drain.started_at = 92.0  # no time to evaluate
+    drain.drain()
+    first.stop(timeout_s=5)
+
+    second = _restarted(fresh)
+    try:
+        assert [window.id for window in second.pending] == closed
+        assert [window.sampler.count for window in second.pending] == [40, 40]
+        assert second.window.id == open_window and second.window.sampler.count == 15
+        # The open window goes on filling under its id and closes at the window size.
+        second.ingest_events(events(25, 4000))
+        assert [window.id for window in second.pending] == [*closed, open_window]
+        second.tick()
+        assert {window["window_id"] for window in second.store.windows(limit=10)} == {*closed, open_window}
+        entry = second.store.audit_log(limit=5, latest=True)
+        restored = [item for item in entry if item["action"] == "windows_restored"][-1]
+        assert [item["id"] for item in restored["detail"]["windows"]] == [*closed, open_window]
+    finally:
+        second.stop(timeout_s=5)
+
+    # A second restart does not take the same windows again.
+    third = _restarted(fresh)
+    try:
+        assert not third.pending and third.window.sampler.count == 0
+    finally:
+        third.stop(timeout_s=5)
+
+
+def test_labels_since_window_start_include_the_first_batch(daemon):
+    """The trigger counts labels since the streak's first window started; that window's first batch counts."""
+    daemon.start(background=False)
+    daemon.ingest_events(events(40, 5000))
+    window = daemon.pending[-1]
+    result = daemon.ingest_labels({"labels": [{"id": f"op-{i}", "label": "balance"} for i in range(5000, 5040)]})
+    assert result.accepted == 40
+
+    assert daemon.store.count_labelled(since=window.sampler.started_at) == 40
+
+
+def test_restart_leaves_windows_of_another_version(fresh, caplog):
+    store = Store(fresh["database_url"])
+    store.audit("daemon", "windows_not_evaluated", version="v0",
+                detail={"reason": "sidecar shutdown", "host": socket.gethostname(),
+                        "windows": [{"id": "w-old", "events": 12, "closed": True}]})
+    store.close()
+
+    with caplog.at_level("WARNING", logger="monitor.daemon"):
+        restarted = _restarted(fresh)
+    try:
+        assert not restarted.pending
+        assert "they belong to version v0, and version v1 is active" in caplog.text
+    finally:
+        restarted.stop(timeout_s=5)
 
 
 def test_drain_refuses_new_retrain(daemon):
@@ -584,3 +662,56 @@ def test_probability_tie_takes_first():
     probabilities[9] = probabilities[20] = 0.5
     result = validate_events(probability_event(probabilities), HEAD, max_items=10, max_text_chars=100)
     assert result.valid[0]["predicted_label"] == "label_9"
+
+
+def test_embedding_budget_bucket():
+    now = [0.0]
+    budget = EmbeddingBudget(rate=20.0, burst=100.0, clock=lambda: now[0])
+
+    assert budget.take(100)
+    assert not budget.take(40)  # empty
+    now[0] = 1.0
+    assert not budget.take(40)  # 20 texts gained in one second
+    now[0] = 2.0
+    assert budget.take(40)
+    now[0] = 100.0
+    assert budget.take(100) and not budget.take(1)  # the bucket holds at most the burst
+    with pytest.raises(ValueError, match="rate=0"):
+        EmbeddingBudget(rate=0, burst=10)
+
+
+def test_fast_windows_beyond_the_budget_are_skipped_and_counted(fresh, caplog):
+    raw = with_changes(fresh, resources={"embedding_max_texts_per_s": 1.0})
+    daemon = MonitorDaemon(parse_config(raw), registry=CollectorRegistry())
+    daemon.start(background=False)
+    try:
+        daemon.ingest_events(events(200, 6000))  # five windows of 40 within milliseconds
+        with caplog.at_level("WARNING", logger="monitor.daemon"):
+            daemon.tick()
+
+        evaluated = daemon.store.windows(limit=10)
+        # The bucket starts with one sample's worth (40 texts): the first window is tested, the rest skipped.
+        assert len(evaluated) == 1
+        assert daemon.resource_metrics.windows_skipped._value.get() == 4
+        assert caplog.text.count("embedding budget spent") == 1
+        assert daemon.store.known_event_ids([f"op-{i}" for i in range(6000, 6200)]) == {
+            f"op-{i}" for i in range(6000, 6200)}
+    finally:
+        daemon.stop(timeout_s=5)
+
+
+def test_counted_warning_logs_once_per_interval(caplog):
+    from monitor.daemon import CountedWarning
+
+    now = [0.0]
+    warning = CountedWarning(interval_s=60.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="monitor.daemon"):
+        assert warning.add("skipped %d windows in %.0f s (%s)", "w1")
+        for index in range(5):
+            now[0] += 1.0
+            assert not warning.add("skipped %d windows in %.0f s (%s)", f"w{index + 2}")
+        now[0] = 61.0
+        assert warning.add("skipped %d windows in %.0f s (%s)", "w7")
+
+    assert "skipped 1 windows in 0 s (w1)" in caplog.text
+    assert "skipped 6 windows in 60 s (w7)" in caplog.text

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +18,7 @@ from retrain.emitter import EventEmitter
 from retrain.model import Classifier
 from retrain.server import create_app
 from retrain.trainer import TrainSettings, train_adapter
+from tests.conftest import ServerThread
 from tests.test_emitter import EventReceiver
 
 V1_LABELS = ["greeting", "farewell", "question"]
@@ -327,34 +327,6 @@ def test_classify_succeeds_while_monitor_down(tiny_model_dir, source):
     assert emitter.dropped_by_reason["send_failed"] == 40
 
 
-class _ServerThread:
-    """uvicorn serving an app on a free 127.0.0.1 port in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> _ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start within 30 s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
 def test_hot_swap_under_concurrent_load(tiny_model_dir, source, expected_probabilities):
     app = _make_app(tiny_model_dir, source, poll_interval_s=0.05)
     stop = threading.Event()
@@ -391,7 +363,7 @@ def test_hot_swap_under_concurrent_load(tiny_model_dir, source, expected_probabi
         while not condition() and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    with _ServerThread(app) as server:
+    with ServerThread(app) as server:
         workers = [
             threading.Thread(target=send_requests, args=(worker, server.url)) for worker in range(4)
         ]

@@ -21,13 +21,9 @@ import copy
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from monitor.api import create_app
@@ -35,7 +31,7 @@ from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon, new_run_id
 from retrain.bootstrap import bootstrap
 from retrain.jobs import RetrainJob
-from tests.conftest import post_labelled_events, tiny_deployment_config
+from tests.conftest import ServerThread, post_labelled_events, tiny_deployment_config
 
 TOKEN = "webui-token-5d1f"
 MARKUP = '<img src=x onerror="window.__xss = 1">'
@@ -68,31 +64,6 @@ def missing_browser() -> str | None:
     if find_executable(DRIVER_PATHS, "chromedriver") is None:
         return "chromedriver not found (apt-get install chromium-driver)"
     return None
-
-
-class ServerThread:
-    """uvicorn serving an app on a free 127.0.0.1 port in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start within 30 s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 def gate(name, passed, value, threshold, message, evaluated=True) -> dict:
@@ -220,7 +191,7 @@ def sidecar(tmp_path_factory, tiny_model_dir, clinc_dir):
             runs["finished"] = "r-webui-finished"
             write_run(daemon.store, runs["finished"], "rejected_by_gate", {"reason": "scheduled"}, {}, {})
 
-            with ServerThread(create_app(daemon)) as server:
+            with ServerThread(create_app(daemon), lifespan="off") as server:
                 yield server.url, daemon, runs
         finally:
             daemon.stop()
