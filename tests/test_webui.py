@@ -75,7 +75,8 @@ def review_canary(labels: list[str]) -> dict:
     """An inconclusive canary of the full shape: too few production labels, one test class regressed (one allowed)."""
     per_class = [
         {"label": labels[0], "support": 30, "current_f1": 0.95, "candidate_f1": 0.97, "delta": 0.02},
-        {"label": labels[1], "support": 30, "current_f1": 0.93, "candidate_f1": 0.81, "delta": -0.12},
+        {"label": labels[1], "support": 30, "current_f1": 0.93, "candidate_f1": 0.81, "delta": -0.12,
+         "lost": 9, "gained": 1, "p_value": 0.0059, "adjusted_p": 0.0236},
         {"label": labels[2], "support": 30, "current_f1": 0.90, "candidate_f1": 0.89, "delta": -0.01},
         {"label": labels[3], "support": 30, "current_f1": 0.88, "candidate_f1": 0.92, "delta": 0.04},
     ]
@@ -353,7 +354,9 @@ def test_detail_shows_gates_and_deltas(page, sidecar):
     assert [row.get_attribute("data-label") for row in class_rows] == [labels[1], labels[2], labels[0], labels[3]]
     assert "regressed" in class_rows[0].get_attribute("class").split()
     assert [cell.text for cell in class_rows[0].find_elements("tag name", "td")][1:] == ["30", "0.930", "0.810",
-                                                                                         "-0.120"]
+                                                                                         "-0.120", "9 / 1", "0.024"]
+    # A canary stored before the per-class test existed shows dashes.
+    assert [cell.text for cell in class_rows[1].find_elements("tag name", "td")][5:] == ["-", "-"]
     assert not (class_rows[1].get_attribute("class") or "")
 
     slice_text = page.find_element("css selector", "#detail").text
