@@ -119,7 +119,7 @@ class RunSize:
 FULL = RunSize(repetitions=5, bootstrap_per_label=10, bootstrap_epochs=2, labelled_per_candidate=250,
                retrain_max_steps=30, load_texts=300, lead_s=4.0, tail_s=6.0,
                current_per_label=20, current_epochs=3, replay_per_label=20, production_known_per_label=5,
-               production_new_per_label=15, candidate_epochs=2, validation_per_label=5,
+               production_new_per_label=15, candidate_epochs=4, validation_per_label=5,
                holdout_known=100, holdout_new=150, small_holdout=20)
 QUICK = RunSize(repetitions=1, bootstrap_per_label=5, bootstrap_epochs=1, labelled_per_candidate=200,
                 retrain_max_steps=10, load_texts=200, lead_s=3.0, tail_s=3.0,
@@ -690,13 +690,18 @@ def canary_scenarios(size: RunSize, folder: Path) -> dict:
 
     train_split, val_split = by_label("train"), by_label("val")
     current_train = [example for label in known for example in train_split[label][:size.current_per_label]]
-    replay = [example for label in known for example in train_split[label][:size.replay_per_label]]
     # Production events come from training-split texts the current adapter never saw.
     offset = size.current_per_label
     production_train = [example for label in known
                         for example in train_split[label][offset:offset + size.production_known_per_label]]
     production_train += [example for label in new for example in train_split[label][:size.production_new_per_label]]
-    used = {text for text, _ in current_train + production_train}
+    # Replay starts with the current adapter's own examples; a larger replay adds training-split texts
+    # that neither the current adapter nor production traffic used.
+    extra = max(0, size.replay_per_label - size.current_per_label)
+    start = offset + size.production_known_per_label
+    replay = [example for label in known for example in train_split[label][:min(size.replay_per_label, offset)]]
+    replay += [example for label in known for example in train_split[label][start:start + extra]]
+    used = {text for text, _ in current_train + production_train + replay}
     unused_known = [example for label in known for example in train_split[label] if example[0] not in used]
     unused_new = [example for label in new for example in train_split[label] if example[0] not in used]
     holdout = rng.sample(unused_known, size.holdout_known) + rng.sample(unused_new, size.holdout_new)

@@ -447,6 +447,11 @@ class Store:
         with self.session() as session:
             session.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
 
+    def touch_run(self, run_id: str) -> None:
+        """Set the run's updated_at to now: the heartbeat of the process working on it."""
+        with self.session() as session:
+            session.execute(update(RunRow).where(RunRow.id == run_id).values(updated_at=time.time()))
+
     def transition_run(self, run_id: str, from_states: Iterable[str], state: str, *, actor: str, action: str,
                        detail: dict[str, Any] | None = None, **values: Any) -> bool:
         """Move a run to ``state`` only if it is in one of ``from_states``; write the audit row with it.

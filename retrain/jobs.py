@@ -54,6 +54,10 @@ FINAL_STATES = ("active", "rejected_by_gate", "rejected", "failed", "cancelled",
 MIN_PROFILE_TEXTS = 100
 # Seconds between the worker's reads of its run's state, to see a cancel request from another process.
 CANCEL_POLL_S = 1.0
+# A working run touches its updated_at this often, so a replica on another host can tell that
+# its owner lives; one silent for OWNER_SILENT_AFTER_S counts as dead there.
+HEARTBEAT_S = 30.0
+OWNER_SILENT_AFTER_S = 600.0
 
 
 def training_threads() -> int:
@@ -87,6 +91,7 @@ class RetrainJob:
         self.stop_reason = stop_reason
         self.work_dir = config.shared_path / "runs" / run_id
         self._last_poll = 0.0
+        self._last_heartbeat = time.monotonic()
         self._cancel_seen = False
 
     def set_state(self, state: str, from_states: tuple[str, ...], **values) -> None:
@@ -108,6 +113,9 @@ class RetrainJob:
         if not self._cancel_seen and now - self._last_poll >= CANCEL_POLL_S:
             self._last_poll = now
             self._cancel_seen = (self.store.get_run(self.run_id) or {}).get("state") == "cancelling"
+        if now - self._last_heartbeat >= HEARTBEAT_S:
+            self._last_heartbeat = now
+            self.store.touch_run(self.run_id)
         return self._cancel_seen
 
     def _check_cancel(self) -> None:
@@ -436,13 +444,20 @@ def run_owner(process: str) -> dict:
     return {"process": process, "pid": os.getpid(), "host": socket.gethostname()}
 
 
-def _owner_alive(owner: dict | None) -> bool:
-    """True when ``owner`` is a live process on this host.
+def _owner_alive(owner: dict | None, updated_at: float | None = None) -> bool:
+    """True when ``owner`` is a live process on this host, or one on another host that touched the run lately.
+
+    A process on this host is checked by its pid. One on another host, such as a
+    `driftloop retrain` in a terminal beside a replica that is not the leader, cannot be, so it
+    counts as alive while the run's ``updated_at`` is less than OWNER_SILENT_AFTER_S old; a
+    working run touches it every HEARTBEAT_S.
 
     NOTE: a reused process id makes a dead owner look alive until that process ends.
     """
-    if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+    if not owner or not isinstance(owner.get("pid"), int):
         return False
+    if owner.get("host") != socket.gethostname():
+        return updated_at is not None and time.time() - updated_at < OWNER_SILENT_AFTER_S
     try:
         os.kill(owner["pid"], 0)
     except ProcessLookupError:
@@ -465,7 +480,7 @@ def recover_interrupted_runs(store: Store, state_dir: Path) -> list[dict]:
     changed = []
     for run in store.runs(states=INTERRUPTED_STATES, limit=1000):
         owner = (run["trigger"] or {}).get("owner")
-        if _owner_alive(owner):
+        if _owner_alive(owner, run.get("updated_at")):
             continue
         state = "cancelled" if run["state"] == "cancelling" else "failed"
         if owner and owner.get("process") != "daemon":

@@ -397,3 +397,50 @@ def test_retrain_without_labels_rejected(deployment, capsys):
     assert main(["retrain", "--config", str(path), "--no-progress"]) == 2
     assert "no labelled production events since version v1 became active" in capsys.readouterr().err
     assert MonitorDaemon(parse_config(raw)).store.runs() == []
+
+
+def _set_updated_at(store, run_id: str, stamp: float) -> None:
+    """Backdate a run's updated_at, which Store.update_run always sets to now."""
+    from sqlalchemy import update
+
+    from monitor.store import RunRow
+
+    with store.session() as session:
+        session.execute(update(RunRow).where(RunRow.id == run_id).values(updated_at=stamp))
+
+
+def test_recovery_spares_owner_on_another_host(tmp_path):
+    """A terminal retrain beside another replica: its run is spared while it touches updated_at."""
+    from monitor.store import Store
+    from retrain.jobs import OWNER_SILENT_AFTER_S, recover_interrupted_runs
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    owner = {"process": "driftloop retrain", "pid": 4242, "host": "another-host.example"}
+    store.create_run("r-fresh", "training", "v1", {"owner": owner})
+    store.create_run("r-silent", "training", "v1", {"owner": owner})
+    _set_updated_at(store, "r-silent", time.time() - OWNER_SILENT_AFTER_S - 1)
+
+    changed = recover_interrupted_runs(store, tmp_path)
+
+    assert [run["id"] for run in changed] == ["r-silent"]
+    assert store.get_run("r-fresh")["state"] == "training"
+    assert store.get_run("r-silent")["state"] == "failed"
+    store.close()
+
+
+def test_working_run_sends_heartbeat(tmp_path, monkeypatch):
+    import retrain.jobs as jobs
+    from monitor.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.create_run("r-beat", "training", "v1", {})
+    _set_updated_at(store, "r-beat", 1.0)
+    job = RetrainJob(run_id="r-beat", config=parse_config({"state_dir": str(tmp_path)}), store=store, registry=None,
+                     dataset=None, base=None, since=None)
+
+    job.should_stop()
+    assert store.get_run("r-beat")["updated_at"] == 1.0  # not due yet
+    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.0)
+    job.should_stop()
+    assert store.get_run("r-beat")["updated_at"] > time.time() - 60
+    store.close()
