@@ -192,7 +192,8 @@ class MonitorDaemon:
         self.resource_metrics = ResourceMetrics(self.metrics.registry)
         self.memory = MemoryWatch(config.resources.memory_soft_limit_mb, self.resource_metrics)
         rate = config.resources.embedding_max_texts_per_s
-        self.embedding_budget = EmbeddingBudget(rate, burst=config.monitor.sample_size) if rate else None
+        self.embedding_budget = (EmbeddingBudget(rate, burst=config.monitor.sample_size,
+                                                 initial=config.detectors.min_samples) if rate else None)
         # Windows skipped or dropped since their last log line: under heavy traffic these happen
         # several times a second, so they are logged as a count once a minute.
         self.unevaluated = {"skipped": CountedWarning(), "dropped": CountedWarning()}

@@ -163,13 +163,14 @@ class EmbeddingBudget:
     Skipped windows are counted; their events stay in the store with their window id.
     """
 
-    def __init__(self, rate: float, burst: float, clock=time.monotonic) -> None:
+    def __init__(self, rate: float, burst: float, initial: float | None = None, clock=time.monotonic) -> None:
         if rate <= 0 or burst <= 0:
             raise ValueError(f"rate and burst must be positive, got rate={rate!r} burst={burst!r}")
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self.credit = burst
+        # Starting below the burst keeps a traffic spike right after start-up from spending it at once.
+        self.credit = burst if initial is None else min(initial, burst)
         self._last = clock()
 
     def take(self, texts: int) -> bool:

@@ -55,7 +55,7 @@ MIN_PROFILE_TEXTS = 100
 # Seconds between the worker's reads of its run's state, to see a cancel request from another process.
 CANCEL_POLL_S = 1.0
 # A working run touches its updated_at this often, so a replica on another host can tell that
-# its owner lives; one silent for OWNER_SILENT_AFTER_S counts as dead there.
+# its owner lives. A run silent for OWNER_SILENT_AFTER_S counts as dead there.
 HEARTBEAT_S = 30.0
 OWNER_SILENT_AFTER_S = 600.0
 
@@ -447,10 +447,10 @@ def run_owner(process: str) -> dict:
 def _owner_alive(owner: dict | None, updated_at: float | None = None) -> bool:
     """True when ``owner`` is a live process on this host, or one on another host that touched the run lately.
 
-    A process on this host is checked by its pid. One on another host, such as a
-    `driftloop retrain` in a terminal beside a replica that is not the leader, cannot be, so it
-    counts as alive while the run's ``updated_at`` is less than OWNER_SILENT_AFTER_S old; a
-    working run touches it every HEARTBEAT_S.
+    A process on this host is checked by its pid. A process on another host, such as a
+    `driftloop retrain` in a terminal beside a replica that is not the leader, cannot be checked.
+    It counts as alive while the run's ``updated_at`` is less than OWNER_SILENT_AFTER_S old,
+    because a working run touches it every HEARTBEAT_S.
 
     NOTE: a reused process id makes a dead owner look alive until that process ends.
     """

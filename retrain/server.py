@@ -12,6 +12,8 @@ replaced stay in memory for a rollback.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import threading
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -76,6 +79,14 @@ class ClassifyRequest(BaseModel):
     return_probabilities: bool = Field(
         False, description="Also return the full probability vector and the label order."
     )
+
+
+class PredictionFailedError(RuntimeError):
+    """The model raised while classifying; ``version`` names it and ``__cause__`` is the error."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__(f"prediction failed on version {version}")
+        self.version = version
 
 
 class InvalidRequestError(ValueError):
@@ -586,6 +597,8 @@ def create_app(
         keep_previous=keep_previous,
     )
 
+    reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-reload")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         logger.info("server starting: base_model=%s", base_model)
@@ -600,6 +613,7 @@ def create_app(
             emitter.start()
         yield
         holder.stop_polling()
+        reload_executor.shutdown(wait=False)
         if emitter is not None:
             await run_in_threadpool(emitter.close)
         logger.info("server stopped")
@@ -655,6 +669,19 @@ def create_app(
             response["labels"] = labels
         return response
 
+    def classify_active(texts: list[str], return_probabilities: bool) -> dict[str, Any]:
+        """Classify with the model active when the worker thread starts, read once.
+
+        Reading it here rather than in the handler lets requests that waited for a worker
+        thread during a swap run on the new version, and a swap during the computation
+        still does not affect it.
+        """
+        model = holder.model
+        try:
+            return classify_texts(model, texts, return_probabilities)
+        except Exception as exc:
+            raise PredictionFailedError(model.version) from exc
+
     def emit_event(event: dict[str, Any]) -> None:
         try:
             emitter.emit(event)
@@ -697,23 +724,22 @@ def create_app(
         except InvalidRequestError as exc:
             return reject(422, OUTCOME_INVALID, exc.messages)
 
-        # Read the reference once: a swap during this request does not affect it.
-        model = holder.model
-        if model is None:
+        if holder.model is None:
             return reject(503, OUTCOME_UNAVAILABLE, "no model loaded yet", **{"Retry-After": "1"})
 
         try:
-            result = await run_in_threadpool(
-                classify_texts, model, texts, return_probabilities
-            )
-        except Exception as exc:
-            logger.exception(
-                "classify failed on version %s for %d texts", model.version, len(texts)
+            result = await run_in_threadpool(classify_active, texts, return_probabilities)
+        except PredictionFailedError as exc:
+            logger.error(
+                "classify failed on version %s for %d texts",
+                exc.version,
+                len(texts),
+                exc_info=exc.__cause__,
             )
             return reject(
                 500,
                 OUTCOME_ERROR,
-                f"prediction failed on version {model.version}: {type(exc).__name__}",
+                f"prediction failed on version {exc.version}: {type(exc.__cause__).__name__}",
             )
 
         metrics.requests.labels(outcome=OUTCOME_OK).inc()
@@ -724,7 +750,10 @@ def create_app(
     # version source, so keep the port on a trusted network.
     @app.post("/v1/admin/reload")
     async def reload_version() -> Response:
-        outcome = await run_in_threadpool(holder.refresh, force=True)
+        # Its own thread: under load every worker thread of the shared pool may be busy with a
+        # classify request, and a swap must not wait behind them.
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(reload_executor, functools.partial(holder.refresh, force=True))
         if outcome.error is not None:
             return JSONResponse(
                 {"version": outcome.version, "detail": outcome.error}, status_code=500

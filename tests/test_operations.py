@@ -679,6 +679,9 @@ def test_embedding_budget_bucket():
     with pytest.raises(ValueError, match="rate=0"):
         EmbeddingBudget(rate=0, burst=10)
 
+    starting = EmbeddingBudget(rate=20.0, burst=100.0, initial=30.0, clock=lambda: now[0])
+    assert starting.take(30) and not starting.take(1)
+
 
 def test_fast_windows_beyond_the_budget_are_skipped_and_counted(fresh, caplog):
     raw = with_changes(fresh, resources={"embedding_max_texts_per_s": 1.0})
@@ -690,7 +693,7 @@ def test_fast_windows_beyond_the_budget_are_skipped_and_counted(fresh, caplog):
             daemon.tick()
 
         evaluated = daemon.store.windows(limit=10)
-        # The bucket starts with one sample's worth (40 texts): the first window is tested, the rest skipped.
+        # The bucket starts with detectors.min_samples texts: the first window is tested, the rest skipped.
         assert len(evaluated) == 1
         assert daemon.resource_metrics.windows_skipped._value.get() == 4
         assert caplog.text.count("embedding budget spent") == 1

@@ -605,3 +605,20 @@ def test_poll_thread_preloads_candidates(tiny_model_dir, source, adapters):
             time.sleep(0.05)
         metrics = client.get("/metrics").text
     assert 'driftloop_server_preloads_total{outcome="loaded"} 1.0' in metrics
+
+
+def test_prediction_error_names_version(client, caplog):
+    model = client.app.state.model_holder.model
+
+    def broken(texts, batch_size=64):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    model.predict_proba = broken
+    with caplog.at_level("ERROR", logger="retrain.server"):
+        response = client.post("/v1/classify", json={"texts": ["hello"]})
+
+    assert response.status_code == 500
+    assert response.json() == {"detail": "prediction failed on version v1: RuntimeError"}
+    assert "classify failed on version v1 for 1 texts" in caplog.text
+    assert "device-side assert triggered" in caplog.text
+    assert 'driftloop_server_requests_total{outcome="error"} 1.0' in client.get("/metrics").text
