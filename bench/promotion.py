@@ -475,7 +475,9 @@ def benchmark_config(size: RunSize, state: Path) -> dict:
       in pending_approval for the script's approval. Candidates this cheap are noisy: a trial run with
       the default gates had its first candidate rejected for six regressed test classes, although its
       test accuracy rose by 16 points. Part 3 judges the gates at their defaults;
-    - a smaller shadow sample and no latency timing in the canary, which gate nothing, to save time.
+    - a smaller shadow sample and no latency timing in the canary, which gate nothing, to save time;
+    - the monitor on one torch and one BLAS thread, as in deploy/kubernetes, so that loading a reference
+      profile after a swap cannot take both cores from the server.
     """
     return {
         "state_dir": str(state),
@@ -489,6 +491,7 @@ def benchmark_config(size: RunSize, state: Path) -> dict:
                    "shadow_sample": 50, "latency_samples": 0},
         "retrain": {"replay_per_label": 10, "sweep": {"enabled": False},
                     "training": {"epochs": 1, "max_steps": size.retrain_max_steps}},
+        "resources": {"inference_threads": 1, "blas_threads": 1},
     }
 
 
@@ -1030,7 +1033,8 @@ def render(args, size: RunSize, bench: PromotionBench, expected: dict, part: dic
         "inconclusive and each candidate waits in `pending_approval` however noisy it is (part 3 judges the gates "
         "at their defaults). `canary.shadow_sample` 50 and `canary.latency_samples` 0, which are only reported. "
         "`retrain.sweep.enabled: false`, `retrain.replay_per_label` 10 and `retrain.training` 1 epoch of at most "
-        f"{size.retrain_max_steps} steps. "
+        f"{size.retrain_max_steps} steps. `resources.inference_threads` and `resources.blas_threads` 1, as in "
+        "deploy/kubernetes, so the monitor's work after a swap leaves the server a core. "
         f"Each candidate is a `driftloop retrain` run on {size.labelled_per_candidate} fresh labelled events sent "
         "through the server. The monitor evaluates windows at its defaults (500 events) during the load.",
         "",

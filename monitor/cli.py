@@ -159,6 +159,7 @@ def cmd_serve(args) -> int:
         candidate_source=lambda: registry.candidates_for_server((*WAITING_STATES, "approved", "promoting")),
         preload_candidates=config.server.preload_candidates,
         keep_previous=config.server.keep_previous_versions,
+        max_concurrent_predictions=config.server.max_concurrent_predictions,
         emitter=emitter,
         max_batch=config.server.max_batch,
         max_text_chars=config.server.max_text_chars,

@@ -314,6 +314,11 @@ class ServerConfig(_Section):
         1, ge=0, le=8,
         description="Newest candidates waiting for approval that the server loads beforehand, so that promoting one "
                     "swaps without a load; each costs the memory of one copy of the base model. 0 loads at the swap.")
+    max_concurrent_predictions: int = Field(
+        2, ge=1, le=64,
+        description="Classify requests that run a forward pass at once; the others wait in arrival order. On CPU, "
+                    "where each pass uses all of torch's threads, a small number keeps passes from slowing each "
+                    "other down and lets a swap take effect with the next request.")
     keep_previous_versions: int = Field(
         1, ge=0, le=8,
         description="Replaced versions the server keeps in memory, so that a rollback to one swaps without a load; "

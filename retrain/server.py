@@ -550,13 +550,15 @@ def create_app(
     candidate_source: CandidateSource | None = None,
     preload_candidates: int = 1,
     keep_previous: int = 1,
+    max_concurrent_predictions: int = 2,
 ) -> FastAPI:
     """Build the inference app.
 
     ``version_source`` returns the active ``(version_name, adapter_dir)``, optionally with the
     run id it was registered from as a third item, or None. ``candidate_source``,
     ``preload_candidates`` and ``keep_previous`` set the models kept warm (see
-    ``ModelHolder``). ``loader``
+    ``ModelHolder``). At most ``max_concurrent_predictions`` requests run a forward pass at
+    once; the others wait in arrival order. ``loader``
     is called as ``loader(base_model, adapter_dir, version)`` and defaults to
     ``Classifier.load`` with ``device`` and ``num_threads``. At startup the app loads the
     first version before it accepts requests, starts the poll thread and starts ``emitter``.
@@ -570,6 +572,8 @@ def create_app(
         raise ValueError(f"max_text_chars must be at least 1, got {max_text_chars}")
     if poll_interval_s <= 0:
         raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
+    if max_concurrent_predictions < 1:
+        raise ValueError(f"max_concurrent_predictions must be at least 1, got {max_concurrent_predictions}")
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServerMetrics.register(registry)
@@ -598,6 +602,7 @@ def create_app(
     )
 
     reload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-reload")
+    prediction_slots = asyncio.Semaphore(max_concurrent_predictions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -728,7 +733,11 @@ def create_app(
             return reject(503, OUTCOME_UNAVAILABLE, "no model loaded yet", **{"Retry-After": "1"})
 
         try:
-            result = await run_in_threadpool(classify_active, texts, return_probabilities)
+            # Requests wait here in arrival order. Without the bound, every worker thread of the
+            # pool would run a forward pass at once, each on all of torch's threads, and a request
+            # that starts after a swap would finish only after all of them.
+            async with prediction_slots:
+                result = await run_in_threadpool(classify_active, texts, return_probabilities)
         except PredictionFailedError as exc:
             logger.error(
                 "classify failed on version %s for %d texts",

@@ -622,3 +622,43 @@ def test_prediction_error_names_version(client, caplog):
     assert "classify failed on version v1 for 1 texts" in caplog.text
     assert "device-side assert triggered" in caplog.text
     assert 'driftloop_server_requests_total{outcome="error"} 1.0' in client.get("/metrics").text
+
+
+def test_forward_passes_are_bounded(tiny_model_dir, source):
+    """Eight concurrent requests with max_concurrent_predictions=2: never more than two passes at once."""
+    app = _make_app(tiny_model_dir, source, max_concurrent_predictions=2)
+    running, peak, lock = [0], [0], threading.Lock()
+    with ServerThread(app) as server:
+        model = app.state.model_holder.model
+        real = model.predict_proba
+
+        def slow(texts, batch_size=64):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.1)
+            try:
+                return real(texts, batch_size)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        model.predict_proba = slow
+        results = []
+
+        def send():
+            results.append(httpx.post(f"{server.url}/v1/classify", json={"texts": ["hello"]}, timeout=30).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+
+    assert results == [200] * 8
+    assert peak[0] == 2
+
+
+def test_zero_concurrent_predictions_rejected(tiny_model_dir, source):
+    with pytest.raises(ValueError, match="max_concurrent_predictions must be at least 1, got 0"):
+        _make_app(tiny_model_dir, source, max_concurrent_predictions=0)
