@@ -296,7 +296,7 @@ class SwapWindow:
     def old_answers_after_swap(self) -> int | None:
         """Count requests sent after the server's swap that the old version still served.
 
-        Such a request waited in the server before its handler read the active model, so the
+        Such a request waited in the server before a worker thread read the active model for it, so the
         count shows how far the server's queue delays the new version.
         """
         swapped = self.server_swapped_at()
@@ -880,8 +880,8 @@ def render_requests(bench: PromotionBench, expected: dict[str, list[str]]) -> li
         + (f" (errors: {'; '.join(errors[:5])})" if errors else "") + f". {total_wrong} responses carried a label "
         "other than their version's offline prediction. The largest delay between a request's scheduled and actual "
         f"send time was {lag * 1000:.0f} ms. Old version after the swap counts requests sent after the server "
-        "logged the swap that the old version still answered, because they waited in the server before their "
-        "handler read the active model. Seconds is the window's wall time, and the CPU column counts its CPU "
+        "logged the swap that the old version still answered, because they waited in the server before a "
+        "worker thread read the active model for them. Seconds is the window's wall time, and the CPU column counts its CPU "
         "seconds of the server, the monitor and every other process but this script.",
         "",
     ]
