@@ -798,9 +798,9 @@ def render_serving(bench: PromotionBench, promotions: list[SwapWindow], rollback
         "### Approval to serving",
         "",
         f"Target: the server answers with the new version at most {TARGET_SERVING_S:g} s after POST approve. "
-        "Each row is one candidate: labelled traffic, `driftloop retrain` in a terminal process, a wait until the "
-        "server has loaded the waiting candidate (`server.preload_candidates` 1, the default; the wait is counted "
-        "from the end of the retrain), then the approval and, after it, POST /v1/rollback back to the first version.",
+        "Each row is one candidate: labelled traffic, `driftloop retrain` in a terminal process, and a wait until the "
+        "server has loaded the waiting candidate (`server.preload_candidates` 1, the default). The wait is counted "
+        "from the end of the retrain. Then come the approval and POST /v1/rollback back to the first version.",
         "",
         "| # | run | canary (retrain time) | preloaded after, s | promoted | approval to first response from it, s | "
         "approve response, s | rollback to first response from the old version, s | rollback response, s |",
