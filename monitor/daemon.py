@@ -196,7 +196,7 @@ class MonitorDaemon:
                                                  initial=config.detectors.min_samples) if rate else None)
         # Windows skipped or dropped since their last log line: under heavy traffic these happen
         # several times a second, so they are logged as a count once a minute.
-        self.unevaluated = {"skipped": CountedWarning(), "dropped": CountedWarning()}
+        self.unevaluated = {"skipped": CountedWarning(), "dropped": CountedWarning(), "stale": CountedWarning()}
 
     # Lifecycle
 
@@ -597,6 +597,14 @@ class MonitorDaemon:
         self._count_rollbacks()
 
     def _evaluate(self, window: OpenWindow) -> None:
+        if window.version != self.active_name:
+            # Closed before a promotion or rollback: the reference it belongs to is no longer loaded,
+            # and the new version's reference would judge traffic that version never served.
+            self.resource_metrics.windows_skipped.inc()
+            self.unevaluated["stale"].add(
+                "skipped %d closed windows in %.0f s of a version no longer active, the last %s (%d events of "
+                "version %s); their events are stored", window.id, window.sampler.count, window.version)
+            return
         started = time.time()
         sampler = window.sampler
         span = (sampler.last_at or started) - (sampler.started_at or started)

@@ -61,7 +61,7 @@ class BatchError(ValueError):
 
 def _items(body: Any, key: str, max_items: int) -> list[Any]:
     if not isinstance(body, dict):
-        raise BatchError("body", type(body).__name__, f"expected a JSON object with a {key!r} list")
+        raise BatchError("body", type(body).__name__, f"expected a JSON object with a list under {key!r}")
     if key not in body:
         raise BatchError(key, None, f"missing field {key!r}")
     items = body[key]

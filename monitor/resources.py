@@ -58,7 +58,8 @@ class ResourceMetrics:
             registry=registry)
         self.windows_skipped = Counter(
             "driftloop_windows_skipped_total",
-            "Closed windows not evaluated because the embedding budget was spent; their events stay stored.",
+            "Closed windows not evaluated, because the embedding budget was spent or their version is no longer "
+            "active; their events stay stored.",
             registry=registry)
 
 

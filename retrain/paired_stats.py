@@ -57,8 +57,8 @@ def mcnemar_midp(candidate_only_correct: int, current_only_correct: int) -> floa
 class ClassF1:
     """F1 of both models on one gold label; ``delta`` is candidate minus current.
 
-    ``lost`` and ``gained`` count the items the candidate gets wrong and the current model
-    right for this label, and the reverse (see ``per_class_f1``). ``p_value`` is the one-sided
+    ``lost`` and ``gained`` count the label's own items that the candidate gets wrong and the
+    current model right, and the reverse (see ``per_class_f1``). ``p_value`` is the one-sided
     mid-p value that the candidate is worse on this label. ``adjusted_p`` is that value after
     Holm's correction over the labels tested together. Both are None for an untested label.
     """
@@ -110,12 +110,14 @@ def per_class_f1(
 
     A label that a model never predicts correctly has F1 0 (sklearn ``zero_division=0``).
 
-    The test covers the items that bear on the label's F1: those whose gold label or either
-    prediction is the label. A model is right on such an item for this label when it predicts
-    the label exactly when the gold label is the label, so a missed item (recall) and a false
-    alarm (precision) both count as wrong. ``lost`` and ``gained`` are the discordant items
-    and ``p_value`` is ``one_sided_midp(lost, gained)``. ``adjusted_p`` stays None here: the
-    family of labels tested together is chosen by ``find_regressed_classes``.
+    The test covers the label's own items, those whose gold label is the label. ``lost``
+    counts the items that the current model gets right and the candidate wrong, ``gained`` the
+    reverse, and ``p_value`` is ``one_sided_midp(lost, gained)``. Each misclassified item thus
+    counts once, at its gold label: a candidate that starts predicting this label for another
+    label's items lowers this label's precision, and the other label's test shows the loss.
+    Items of other labels are left out because they would let removed false alarms outweigh
+    a collapse of the label's own recall. ``adjusted_p`` stays None here, because the family
+    of labels tested together is chosen by ``find_regressed_classes``.
     """
     _, _, current_f1, support = precision_recall_fscore_support(
         gold, current_pred, labels=labels, average=None, zero_division=0
@@ -129,8 +131,8 @@ def per_class_f1(
     result = []
     for label, count, current_score, candidate_score in zip(labels, support, current_f1, candidate_f1):
         is_gold = gold_array == label
-        current_right = (current_array == label) == is_gold
-        candidate_right = (candidate_array == label) == is_gold
+        current_right = is_gold & (current_array == label)
+        candidate_right = is_gold & (candidate_array == label)
         lost = int(np.sum(current_right & ~candidate_right))
         gained = int(np.sum(candidate_right & ~current_right))
         result.append(ClassF1(label, int(count), float(current_score), float(candidate_score), lost, gained,

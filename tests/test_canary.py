@@ -211,19 +211,44 @@ def test_per_class_deltas_and_regressed_classes():
     assert rows["c"]["delta"] == -1.0
     # "c" fell furthest but has support 2; "b" fell by 0.2.
     assert comparison.regressed_classes == ("a", "b")
-    # "a" lost 3 gold items and gained 2 false alarms from "c"; "b" gained 3 false alarms.
-    assert (rows["a"]["lost"], rows["a"]["gained"]) == (5, 0)
-    assert (rows["b"]["lost"], rows["b"]["gained"]) == (3, 0)
-    assert rows["a"]["p_value"] == pytest.approx(0.5 ** 5 / 2)
-    assert rows["b"]["p_value"] == pytest.approx(0.5 ** 3 / 2)
+    # The test counts each class's own items: "a" lost 3 of its 6, "b" (whose F1 fell through
+    # false alarms) lost none of its own, and "c" lost both, which shows in its row alone.
+    assert (rows["a"]["lost"], rows["a"]["gained"]) == (3, 0)
+    assert (rows["b"]["lost"], rows["b"]["gained"]) == (0, 0)
+    assert (rows["c"]["lost"], rows["c"]["gained"]) == (2, 0)
+    assert rows["a"]["p_value"] == pytest.approx(0.5 ** 3 / 2)
+    assert rows["b"]["p_value"] == 1.0
     # Holm over the two classes with support 5 or more; "c" is outside the family.
-    assert rows["a"]["adjusted_p"] == pytest.approx(2 * 0.5 ** 5 / 2)
-    assert rows["b"]["adjusted_p"] == pytest.approx(0.5 ** 3 / 2)
+    assert rows["a"]["adjusted_p"] == pytest.approx(2 * 0.5 ** 3 / 2)
+    assert rows["b"]["adjusted_p"] == 1.0
     assert rows["c"]["adjusted_p"] is None
 
-    # With the test at 5 percent, "b" (adjusted p 0.0625) is a chance-sized drop.
+    # With the test at 5 percent, three lost items of six are too few to name "a".
     tested = compare_predictions("test", gold, current, candidate, ComparisonSettings(class_min_support=5))
-    assert tested.regressed_classes == ("a",)
+    assert tested.regressed_classes == ()
+
+
+def test_class_whose_recall_collapses_is_regressed():
+    """A candidate that stops predicting a class, removing its false alarms too, still regresses on it."""
+    gold, current, candidate = [], [], []
+    for index in range(10):
+        label = f"intent_{index}"
+        gold += [label] * 30
+        current += [label] * 30
+        candidate += [label] * 30
+    # The current model gets 20 of intent_0's items and takes 60 items of other classes as intent_0.
+    current[20:30] = ["intent_1"] * 10
+    for start in range(30, 300, 30):
+        current[start:start + 7] = ["intent_0"] * 7
+    # The candidate never predicts intent_0 and gets every other item right.
+    candidate[0:30] = ["intent_1"] * 30
+
+    comparison = compare_predictions("test", gold, current, candidate)
+    rows = {item.label: item for item in comparison.per_class}
+
+    assert rows["intent_0"].candidate_f1 == 0.0
+    assert (rows["intent_0"].lost, rows["intent_0"].gained) == (20, 0)
+    assert "intent_0" in comparison.regressed_classes
 
 
 def test_regressed_classes_worst_first_and_margin():

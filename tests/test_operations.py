@@ -538,6 +538,27 @@ def test_every_key_documented():
             assert f"| `{key}` |" in page, f"{key} has no row in docs/configuration.md"
 
 
+def test_example_config_lists_every_key():
+    """config/driftloop.yaml, which the README calls the list of every key, names each one."""
+    import yaml
+
+    from monitor.config import Config, config_fields, is_section
+
+    example = yaml.safe_load((REPO_ROOT / "config" / "driftloop.yaml").read_text())
+
+    def present(key: str) -> bool:
+        node = example
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = [key for key, field in config_fields(Config)
+               if not is_section(field) and "[]" not in key and not present(key)]
+    assert missing == [], f"config/driftloop.yaml lacks {missing}"
+
+
 def test_missing_description_is_found(monkeypatch):
     from monitor.config import MonitorConfig
     from monitor.config_docs import undocumented_keys
@@ -718,3 +739,17 @@ def test_counted_warning_logs_once_per_interval(caplog):
 
     assert "skipped 1 windows in 0 s (w1)" in caplog.text
     assert "skipped 6 windows in 60 s (w7)" in caplog.text
+
+
+def test_window_of_replaced_version_is_skipped(daemon, caplog):
+    daemon.start(background=False)
+    daemon.ingest_events(events(40, 7000))
+    [window] = list(daemon.pending)
+    window.version = "v0"  # as if the active version changed after the window closed
+
+    with caplog.at_level("WARNING", logger="monitor.daemon"):
+        daemon.tick()
+
+    assert daemon.store.windows(limit=10) == []
+    assert daemon.resource_metrics.windows_skipped._value.get() == 1
+    assert "of a version no longer active" in caplog.text and "version v0" in caplog.text
