@@ -598,7 +598,7 @@ class MonitorDaemon:
 
     def _evaluate(self, window: OpenWindow) -> None:
         if window.version != self.active_name:
-            # Closed before a promotion or rollback: the reference it belongs to is no longer loaded,
+            # The window closed before a promotion or rollback. Its own reference is no longer loaded,
             # and the new version's reference would judge traffic that version never served.
             self.resource_metrics.windows_skipped.inc()
             self.unevaluated["stale"].add(

@@ -696,7 +696,7 @@ def test_embedding_budget_bucket():
     now[0] = 2.0
     assert budget.take(40)
     now[0] = 100.0
-    assert budget.take(100) and not budget.take(1)  # the bucket holds at most the burst
+    assert budget.take(100) and not budget.take(1)  # the bucket keeps at most the burst
     with pytest.raises(ValueError, match="rate=0"):
         EmbeddingBudget(rate=0, burst=10)
 
@@ -752,4 +752,5 @@ def test_window_of_replaced_version_is_skipped(daemon, caplog):
 
     assert daemon.store.windows(limit=10) == []
     assert daemon.resource_metrics.windows_skipped._value.get() == 1
-    assert "of a version no longer active" in caplog.text and "version v0" in caplog.text
+    assert "of a version no longer active" in caplog.text
+    assert "version v0" in caplog.text
