@@ -285,7 +285,7 @@ def _thirty_classes(losses: dict[int, int]) -> tuple[list[str], list[str], list[
 
 
 def test_chance_sized_class_drops_are_not_regressions():
-    """Drops of 4 answers in 30 on a few of 30 classes, F1 down by about 0.07 to 0.13: noise after Holm."""
+    """Drops of 4 correct items in 30 on a few of 30 classes, F1 down by about 0.07 to 0.13: noise after Holm."""
     gold, current, candidate = _thirty_classes({3: 4, 11: 4, 20: 4, 27: 3})
 
     tested = compare_predictions("test", gold, current, candidate, ComparisonSettings(class_regression_margin=0.05))
@@ -843,7 +843,7 @@ def _paired_outcomes(n: int, both_right: int, candidate_only: int, current_only:
     return gold, current + ["b"] * rest, candidate + ["b"] * rest
 
 
-def test_undecided_noninferiority_says_how_many_test_items_would_decide():
+def test_undecided_gate_names_needed_items():
     # 900 items, the models disagree on 60 (6.7 percent), the candidate one item behind.
     gold, current, candidate = _paired_outcomes(900, 800, 29, 30)
     test = compare_predictions("test", gold, current, candidate)

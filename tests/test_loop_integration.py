@@ -15,7 +15,7 @@ SMALL_SLICE = {
     "trigger": {"consecutive_windows": 2, "min_labels": 400, "cooldown_s": 30},
     "retrain": {"replay_per_label": 6, "training": {"epochs": 5, "learning_rate": 0.005},
                 "sweep": {"ranks": [4, 8], "budget_steps": 20}},
-    # The per-class gate keeps its defaults: with about 30 test texts a class, three changed answers move
+    # The per-class gate keeps its defaults: with about 30 test texts a class, three changed predictions move
     # a class's F1 by 0.1, and the Holm-corrected test per class keeps such drops from counting.
     "canary": {"min_production_samples": 20, "shadow_sample": 80, "noninferiority_margin": 0.03},
 }
