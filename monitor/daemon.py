@@ -354,30 +354,42 @@ class MonitorDaemon:
         if not result.valid:
             return result
         with self.lock:
-            # Ingest is serialised by the lock, so the ids checked here are still new at insert.
-            existing, reachable = self._known_event_ids([row["id"] for row in result.valid])
-            fresh = [row for row in result.valid if row["id"] not in existing]
-            for row in fresh:
-                # A window closes at exactly window_size events, even in the middle of a batch.
+            # Ingest is serialised by the lock, so windows fill in the order batches are stored.
+            rows = [row for row in result.valid if not self.event_buffer.contains(row["id"])]
+            for row in rows:
                 row["window_id"] = self.window.id
-                self.window.sampler.add(Observation(
-                    event_id=row["id"], text=row["text"], predicted_label=row["predicted_label"],
-                    confidence=row["confidence"], latency_ms=row["latency_ms"], version=row["version"],
-                    received_at=row["received_at"],
-                ))
-                if self.window.sampler.count >= self.config.monitor.window_size:
-                    self._close_window()
-            inserted, duplicates, labelled = self._insert_events(fresh, reachable)
+            inserted, duplicates, labelled = self._store_events(rows)
             self.metrics.window_events.set(self.window.sampler.count)
         self.metrics.events_received.inc(inserted)
         if inserted:
             self.metrics.last_event_received.set_to_current_time()
         if labelled:
             self.metrics.labels_pending.dec(labelled)
-        result.duplicates = sorted(existing | set(duplicates))
+        buffered = {row["id"] for row in result.valid} - {row["id"] for row in rows}
+        result.duplicates = sorted(buffered | set(duplicates))
         if result.duplicates:
             self.metrics.events_duplicate.inc(len(result.duplicates))
         return result
+
+    def _place(self, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """Add new events to the open window in order; a window closes at exactly window_size events.
+
+        Sets each row's ``window_id`` and returns ``{window_id: ids}`` for the rows that moved to a
+        window opened during this batch.
+        """
+        moved: dict[str, list[str]] = {}
+        for row in rows:
+            if row["window_id"] != self.window.id:
+                row["window_id"] = self.window.id
+                moved.setdefault(self.window.id, []).append(row["id"])
+            self.window.sampler.add(Observation(
+                event_id=row["id"], text=row["text"], predicted_label=row["predicted_label"],
+                confidence=row["confidence"], latency_ms=row["latency_ms"], version=row["version"],
+                received_at=row["received_at"],
+            ))
+            if self.window.sampler.count >= self.config.monitor.window_size:
+                self._close_window()
+        return moved
 
     def _close_window(self) -> None:
         self.pending.append(self.window)
@@ -389,36 +401,35 @@ class MonitorDaemon:
                 "are stored (monitor.max_pending_windows)", dropped.id, dropped.sampler.count)
         self.window = self._open_window(self.active_name)
 
-    def _known_event_ids(self, ids: list[str]) -> tuple[set[str], bool]:
-        """Return (ids stored or buffered, whether the database answered).
+    def _store_events(self, rows: list[dict[str, Any]]) -> tuple[int, list[str], int]:
+        """Store new events and place them in windows, or buffer them while the database is unreachable.
 
-        Buffered events are written first, so they stay in arrival order. With the
-        database unreachable, raises BufferFullError when the batch does not fit.
+        Buffered events are written first, so they stay in arrival order. Returns (events
+        accepted, ids already stored, pending labels applied). With the database unreachable
+        and no room in the buffer, raises BufferFullError and accepts nothing.
         """
-        buffered = {event_id for event_id in ids if self.event_buffer.contains(event_id)}
+        if not rows:
+            return 0, [], 0
+        placed = False
+
+        def place(fresh: list[dict[str, Any]]) -> dict[str, list[str]]:
+            nonlocal placed
+            placed = True
+            return self._place(fresh)
+
         try:
             self.event_buffer.flush(self.store)
-            return self.store.known_event_ids(ids), True
+            return self.store.insert_events(rows, place=place)
         except DBAPIError as exc:
             if not is_connection_error(exc):
                 raise
             self._count_store_error("ingest_events", exc)
-            self.event_buffer.check_room(len(ids) - len(buffered), self.store)
-            return buffered, False
-
-    def _insert_events(self, rows: list[dict[str, Any]], reachable: bool) -> tuple[int, list[str], int]:
-        """Store ``rows``, or hold them in the event buffer while the database is unreachable."""
-        if reachable:
-            try:
-                return self.store.insert_events(rows)
-            except DBAPIError as exc:
-                if not is_connection_error(exc):
-                    raise
-                self._count_store_error("ingest_events", exc)
-        # NOTE: when the database fails between the id check and the insert, the batch is held even
-        # if it overfills the buffer (by one batch at most), because its events are already in the window.
-        if rows:
-            self.event_buffer.add(rows)
+        if not placed:
+            self.event_buffer.check_room(len(rows), self.store)
+            self._place(rows)
+        # NOTE: when the commit fails after the events entered the window, the batch is held even if it
+        # overfills the buffer (by one batch at most), so that the window and the database agree later.
+        self.event_buffer.add(rows)
         return len(rows), [], 0
 
     def _count_store_error(self, operation: str, exc: DBAPIError) -> None:

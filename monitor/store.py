@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -236,7 +236,8 @@ class Store:
             # Without it a connection to an unreachable host waits for the operating system's TCP timeout.
             options["connect_args"] = {"connect_timeout": 10}
         try:
-            self.engine = create_engine(url, pool_pre_ping=True, **options)
+            # A pooled connection to a server can go stale; a file database cannot, so SQLite skips the ping.
+            self.engine = create_engine(url, pool_pre_ping=self.dialect != "sqlite", **options)
         except Exception as exc:  # noqa: BLE001 - a missing driver or a bad option; reported with the URL
             raise DriftloopError(f"cannot open the database {redacted_url(url)}: {exc}") from None
         if self.dialect == "sqlite":
@@ -252,6 +253,7 @@ class Store:
                 ) from None
             raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._any_pending_label = select(select(PendingLabelRow.__table__.c.event_id).limit(1).exists())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -278,42 +280,75 @@ class Store:
 
     # Events and labels
 
-    def insert_events(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[str], int]:
-        """Insert events and attach their pending labels.
+    def insert_events(
+        self, rows: Iterable[dict[str, Any]], place: Callable[[list[dict[str, Any]]], dict[str, list[str]]] | None = None
+    ) -> tuple[int, list[str], int]:
+        """Insert events and attach their pending labels, in one transaction.
 
-        Returns (inserted count, ids that already existed, pending labels applied). On SQLite
-        and PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` skips the stored
-        ids and returns the ids it inserted. So a duplicate from another replica, or from a
-        replayed buffer whose first commit reached the database, needs no SELECT beforehand.
+        Returns (inserted count, ids that already existed, pending labels applied). One
+        ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` skips the stored ids and returns
+        the ids it inserted. So a duplicate from another replica, or from a replayed buffer
+        whose first commit reached the database, needs no SELECT beforehand.
+
+        ``place`` receives the inserted rows in their order, before the commit. It returns
+        ``{window_id: ids}`` for rows that belong to another window than the ``window_id`` they
+        were written with (a window that closed in the middle of the batch), and those rows are
+        moved in the same transaction.
         """
-        rows = [dict(row) for row in rows]
+        rows = list(rows)
         if not rows:
             return 0, [], 0
         ids = [row["id"] for row in rows]
-        table = EventRow.__table__
-        with self.session() as session:
-            pending = {
-                item.event_id: item
-                for item in session.scalars(select(PendingLabelRow).where(PendingLabelRow.event_id.in_(ids)))
-            }
+        events, labels = EventRow.__table__, PendingLabelRow.__table__
+        with self.engine.begin() as connection:
+            pending: dict[str, tuple[str, float]] = {}
+            # Labels usually come after their events, so the table is usually empty: a check
+            # without parameters is cheaper than the IN query with a hundred of them.
+            if connection.execute(self._any_pending_label).scalar():
+                found = connection.execute(
+                    select(labels.c.event_id, labels.c.label, labels.c.received_at).where(labels.c.event_id.in_(ids)))
+                pending = {event_id: (label, received_at) for event_id, label, received_at in found}
+            values = []
             for row in rows:
-                item = pending.get(row["id"])
-                row["true_label"] = item.label if item is not None else row.get("true_label")
-                row["labelled_at"] = item.received_at if item is not None else row.get("labelled_at")
-            if self.dialect in ("sqlite", "postgresql"):
-                dialect = postgresql if self.dialect == "postgresql" else sqlite
-                statement = dialect.insert(table).on_conflict_do_nothing().returning(table.c.id)
-                inserted = set(session.execute(statement, rows).scalars())
-            else:
-                existing = set(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))))
-                fresh = [row for row in rows if row["id"] not in existing]
-                if fresh:
-                    session.execute(insert(table), fresh)
-                inserted = {row["id"] for row in fresh}
-            applied = [item for event_id, item in pending.items() if event_id in inserted]
-            for item in applied:
-                session.delete(item)
-        return len(inserted), sorted(set(ids) - inserted), len(applied)
+                label, labelled_at = pending.get(row["id"], (row.get("true_label"), row.get("labelled_at")))
+                values.append({**row, "true_label": label, "labelled_at": labelled_at})
+            inserted = self._insert_new_events(connection, values)
+            moved = place([row for row in rows if row["id"] in inserted]) if place else {}
+            for window_id, moved_ids in moved.items():
+                connection.execute(update(events).where(events.c.id.in_(moved_ids)).values(window_id=window_id))
+            applied = [event_id for event_id in pending if event_id in inserted]
+            if applied:
+                connection.execute(delete(labels).where(labels.c.event_id.in_(applied)))
+        return len(inserted), [event_id for event_id in ids if event_id not in inserted], len(applied)
+
+    def _insert_new_events(self, connection: Connection, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert the rows whose id is not stored yet; return the ids inserted.
+
+        On SQLite and PostgreSQL this is one multi-row ``INSERT ... ON CONFLICT (id) DO NOTHING
+        RETURNING id`` in the driver's own SQL. SQLAlchemy's executemany with RETURNING builds
+        each row's parameters in Python, and on a batch of 100 events that was the largest
+        single cost of ingest (profile in docs/operations.md).
+        """
+        table = EventRow.__table__
+        placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(self.engine.dialect.paramstyle)
+        if self.dialect not in ("sqlite", "postgresql") or placeholder is None:
+            existing = set(connection.scalars(select(table.c.id).where(table.c.id.in_([row["id"] for row in rows]))))
+            fresh = [row for row in rows if row["id"] not in existing]
+            if fresh:
+                connection.execute(insert(table), fresh)
+            return {row["id"] for row in fresh}
+        columns = [column.name for column in table.columns]
+        # SQLite before 3.32 allows 999 parameters in a statement; later SQLite and PostgreSQL allow more.
+        per_statement = max(1, 999 // len(columns))
+        tuple_sql = "(" + ", ".join([placeholder] * len(columns)) + ")"
+        inserted: set[str] = set()
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
+            sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([tuple_sql] * len(chunk))} "
+                   "ON CONFLICT (id) DO NOTHING RETURNING id")
+            parameters = tuple(row.get(name) for row in chunk for name in columns)
+            inserted.update(event_id for (event_id,) in connection.exec_driver_sql(sql, parameters))
+        return inserted
 
     def known_event_ids(self, ids: list[str]) -> set[str]:
         # A Core query on a plain connection: it runs once per ingest batch, and an ORM session adds a

@@ -139,6 +139,24 @@ def test_drain_evaluates_closed_windows(daemon):
     assert daemon.draining
 
 
+def test_window_closes_inside_a_batch_with_stored_duplicates(daemon):
+    """Ids already stored do not count: the window closes at exactly window_size new events."""
+    daemon.start(background=False)
+    daemon.ingest_events(events(30, 3000))
+    first = daemon.window.id
+    # 25 events: the first 5 are stored already, 10 of the 20 new ones fill the window (40).
+    result = daemon.ingest_events(events(25, 3025))
+
+    assert result.duplicates == [f"op-{i}" for i in range(3025, 3030)]
+    assert [window.id for window in daemon.pending] == [first]
+    assert daemon.pending[0].sampler.count == 40
+    assert daemon.window.sampler.count == 10
+    stored_first = {row["id"] for row in daemon.store.events_of_window(first)}
+    assert stored_first == {f"op-{i}" for i in range(3000, 3040)}
+    stored_second = {row["id"] for row in daemon.store.events_of_window(daemon.window.id)}
+    assert stored_second == {f"op-{i}" for i in range(3040, 3050)}
+
+
 def test_drain_out_of_time_records_windows(daemon):
     daemon.start(background=False)
     daemon.ingest_events(events(80, 2000))
