@@ -10,9 +10,11 @@ all-MiniLM-L6-v2 (banking intents, a 151-label head, one epoch), then starts
 while this process, the load generator, pins itself to core 1. It measures:
 
 - ingest: ``CONCURRENCY`` client threads post batches of 100 events to
-  POST /v1/events for ``--seconds``, each event shaped as ``driftloop serve``
-  sends it (label, confidence, 151 probabilities, latency, version); events per
-  second accepted and the request latency quantiles;
+  POST /v1/events, each event shaped as ``driftloop serve`` sends it (label,
+  confidence, 151 probabilities, latency, version); events per second accepted
+  and the request latency quantiles. The ``--seconds`` of load are split into
+  ``ROUNDS`` rounds that alternate between the sidecar and the echo server, both
+  running, so that a slow spell of a shared machine falls on both;
 - resident memory (VmRSS) of the sidecar once it is ready, and after the ingest run;
 - /metrics scrapes: ``SCRAPES`` sequential GETs while idle;
 - /metrics scrapes while a retrain trains in the sidecar: drifted traffic with labels
@@ -24,8 +26,8 @@ The baseline is a FastAPI app served by uvicorn on the same core, whose POST
 /v1/events parses the JSON body and returns the event count, and whose GET
 /metrics returns prometheus_client's default registry. The sidecar runs with
 window evaluation on (windows of 500, a check every 5 s), one torch thread for
-inference and one for training, and ``resources.embedding_max_texts_per_s`` 20,
-as in deploy/kubernetes/.
+inference and one for training, ``resources.embedding_max_texts_per_s`` 20 and
+``resources.evaluation_max_share`` 0.1, as in deploy/kubernetes/.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ HOST = "127.0.0.1"
 PORTS = range(18100, 18200)
 EVENTS_PER_BATCH = 100
 CONCURRENCY = 4
+ROUNDS = 5
 SCRAPES = 100
 SERVER_CORE, CLIENT_CORE = 0, 1
 LONG_TEXT = ("please tell me every single detail about the transfer of money that i made yesterday evening "
@@ -191,7 +194,7 @@ def load_ingest(base: str, bodies: list[bytes], seconds: float) -> dict:
         thread.join()
     wall = time.monotonic() - started
     return {"events_per_s": accepted[0] / wall, "accepted": accepted[0], "failures": failures[0],
-            "wall_s": wall, "latency_ms": quantiles(latencies)}
+            "wall_s": wall, "latency_ms": quantiles(latencies), "latencies": latencies}
 
 
 def scrape(base: str, count: int, interval_s: float = 0.0, while_true=None) -> dict:
@@ -222,7 +225,8 @@ def sidecar_config(state: Path) -> dict:
         "trigger": {"consecutive_windows": 1, "min_labels": 10, "cooldown_s": 0},
         "retrain": {"sweep": {"enabled": False},
                     "training": {"epochs": 1000, "early_stopping_patience": 1000, "num_threads": 1}},
-        "resources": {"inference_threads": 1, "blas_threads": 1, "embedding_max_texts_per_s": 20},
+        "resources": {"inference_threads": 1, "blas_threads": 1, "embedding_max_texts_per_s": 20,
+                      "evaluation_max_share": 0.1},
     }
 
 
@@ -236,7 +240,30 @@ def bootstrap_state(state: Path) -> None:
     print(f"bootstrap took {time.monotonic() - started:.0f} s", flush=True)
 
 
-def run_sidecar(state: Path, seconds: float, texts: list[str]) -> dict:
+def alternate_ingest(bases: dict[str, str], labels: dict[str, list[str]], seconds: float,
+                     texts: list[str]) -> dict[str, dict]:
+    """Load each server in turn, ROUNDS times, ``seconds / ROUNDS`` each; return the figures per server."""
+    rounds: dict[str, list[dict]] = {name: [] for name in bases}
+    latencies: dict[str, list[float]] = {name: [] for name in bases}
+    per_round = seconds / ROUNDS
+    for number in range(ROUNDS):
+        for name, base in bases.items():
+            time.sleep(2)  # lets the previous round's requests and window checks finish
+            bodies = event_bodies(int(per_round * 200), f"{name}{number}", labels[name], texts)
+            result = load_ingest(base, bodies, per_round)
+            latencies[name] += result.pop("latencies")
+            rounds[name].append(result)
+    figures = {}
+    for name, results in rounds.items():
+        accepted, wall = sum(item["accepted"] for item in results), sum(item["wall_s"] for item in results)
+        figures[name] = {"events_per_s": accepted / wall, "accepted": accepted, "wall_s": wall,
+                         "failures": sum(item["failures"] for item in results),
+                         "rounds_events_per_s": [item["events_per_s"] for item in results],
+                         "latency_ms": quantiles(latencies[name])}
+    return figures
+
+
+def run_sidecar(state: Path, seconds: float, texts: list[str], echo_base: str) -> dict:
     import httpx
     import yaml
 
@@ -260,8 +287,10 @@ def run_sidecar(state: Path, seconds: float, texts: list[str]) -> dict:
         labels = httpx.get(f"{base}/v1/versions", timeout=5).json()
         active = next(version for version in labels["versions"] if version["name"] == labels["active"])
         head = json.loads((Path(active["adapter_dir"]) / "labels.json").read_text())
-        bodies = event_bodies(int(seconds * 200), "ingest", head, texts)
-        result["ingest"] = load_ingest(base, bodies, seconds)
+        echo_labels = [f"label_{i}" for i in range(len(head))]
+        both = alternate_ingest({"driftloop": base, "echo": echo_base}, {"driftloop": head, "echo": echo_labels},
+                                seconds, texts)
+        result["ingest"], result["echo_ingest"] = both["driftloop"], both["echo"]
         result["rss_after_ingest_mib"] = resident_mib(process.pid)
 
         # Drifted, labelled traffic; labels first, so they wait for their events.
@@ -303,19 +332,19 @@ def run_sidecar(state: Path, seconds: float, texts: list[str]) -> dict:
     return result
 
 
-def run_echo(seconds: float, texts: list[str], labels: list[str]) -> dict:
+def start_echo() -> tuple[subprocess.Popen, str, dict]:
+    """Start the echo server pinned to the sidecar's core; return it, its URL and its idle figures."""
     port = free_port()
     base = f"http://{HOST}:{port}"
     process = subprocess.Popen([sys.executable, "-c", ECHO_APP, str(port)], cwd=REPOSITORY,
                                preexec_fn=pinned(SERVER_CORE))
     try:
         wait_ready(base, process, timeout_s=60)
-        result = {"rss_ready_mib": resident_mib(process.pid), "scrape_idle": scrape(base, SCRAPES)}
-        result["ingest"] = load_ingest(base, event_bodies(int(seconds * 200), "echo", labels, texts), seconds)
-    finally:
+        return process, base, {"rss_ready_mib": resident_mib(process.pid), "scrape_idle": scrape(base, SCRAPES)}
+    except BaseException:
         process.terminate()
         process.wait()
-    return result
+        raise
 
 
 def ratio(value: float, baseline: float) -> str:
@@ -323,7 +352,9 @@ def ratio(value: float, baseline: float) -> str:
 
 
 def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
-    ingest, base_ingest = sidecar["ingest"], echo["ingest"]
+    ingest, base_ingest = sidecar["ingest"], sidecar["echo_ingest"]
+    round_ratios = [ours / theirs for ours, theirs in zip(ingest["rounds_events_per_s"],
+                                                          base_ingest["rounds_events_per_s"])]
     idle, base_idle = sidecar["scrape_idle"]["latency_ms"], echo["scrape_idle"]["latency_ms"]
     training = sidecar["scrape_training"]
     lines = [
@@ -331,7 +362,8 @@ def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
         "",
         machine,
         f"- Sidecar pinned to core {SERVER_CORE}, load generator to core {CLIENT_CORE}; "
-        f"{CONCURRENCY} client threads, batches of {EVENTS_PER_BATCH} events, {seconds:.0f} s of ingest.",
+        f"{CONCURRENCY} client threads, batches of {EVENTS_PER_BATCH} events, {seconds:.0f} s of ingest per "
+        f"server in {ROUNDS} alternating rounds.",
         "",
         "| figure | target | driftloop | bare FastAPI echo | ratio |",
         "|---|---|---|---|---|",
@@ -356,6 +388,12 @@ def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
         ]
     lines += [
         "",
+        "Ingest by round, events/s: driftloop "
+        + ", ".join(f"{value:,.0f}" for value in ingest["rounds_events_per_s"]) + "; echo "
+        + ", ".join(f"{value:,.0f}" for value in base_ingest["rounds_events_per_s"])
+        + f"; ratio per round {min(round_ratios):.2f} to {max(round_ratios):.2f}, median "
+        f"{statistics.median(round_ratios):.2f}.",
+        "",
         f"Ingest failures: {ingest['failures']} driftloop, {base_ingest['failures']} echo. SIGTERM during the "
         f"retrain: exit status {sidecar['exit_status']} after {sidecar['drain_s']:.1f} s; the run ended "
         f"{sidecar['run_state']}.",
@@ -371,7 +409,7 @@ def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of ingest load per server (default 20)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="seconds of ingest load per server (default 30)")
     parser.add_argument("--out", help="markdown file whose bench/operations.py section is replaced by the results")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
@@ -384,9 +422,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="driftloop-ops-") as folder:
         bootstrap_state(Path(folder))
         os.sched_setaffinity(0, {CLIENT_CORE})
-        sidecar = run_sidecar(Path(folder), args.seconds, texts)
-        labels = [f"label_{i}" for i in range(151)]
-        echo = run_echo(args.seconds, texts, labels)
+        echo_process, echo_base, echo = start_echo()
+        try:
+            sidecar = run_sidecar(Path(folder), args.seconds, texts, echo_base)
+        finally:
+            echo_process.terminate()
+            echo_process.wait()
     body = report(sidecar, echo, args.seconds, machine)
     print(body)
     if args.out:

@@ -238,7 +238,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             approve_run(daemon.store, run_id, actor=actor, comment=str(body.get("comment", "")))
             if not daemon.leadership.is_leader:
                 return JSONResponse({"run_id": run_id, "state": "approved",
-                                     "message": "approved; the leader replica promotes it at its next check"},
+                                     "message": "approved; the leader replica promotes it within about a second"},
                                     status_code=202)
             version = await run_in_threadpool(daemon.promote, run_id, actor)
         except DriftloopError as exc:

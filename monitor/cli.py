@@ -190,7 +190,7 @@ def cmd_approve(args) -> int:
 
     store, _ = _open_registry(_config(args))
     run = approve_run(store, args.run_id, actor=args.by, comment=args.comment)
-    print(f"run {run['id']} approved; the monitor promotes it at its next check")
+    print(f"run {run['id']} approved; the monitor's leader promotes it within about a second")
     return 0
 
 

@@ -356,6 +356,12 @@ class ResourcesConfig(_Section):
                     "tests at most this times T of its sampled texts (never fewer than detectors.min_samples), and a "
                     "window is skipped, and counted, when the texts embedded lately exceed this rate; null tests the "
                     "whole sample of every window.")
+    evaluation_max_share: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Largest share of wall time that window evaluations may take, averaged over a minute: each "
+                    "evaluation's duration is charged, and closed windows are skipped, and counted, while the "
+                    "charge exceeds this share of the time. It bounds the detectors' fixed cost per window, which "
+                    "embedding_max_texts_per_s does not; null evaluates every window.")
 
 
 class AuthConfig(_Section):

@@ -35,9 +35,9 @@ from monitor.metrics import CANARY_STATUSES, RUN_STATES, MonitorMetrics
 from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
 from monitor.resources import (
-    EmbeddingBudget,
     MemoryWatch,
     ResourceMetrics,
+    TokenBucket,
     apply_thread_limits,
     embedding_cap,
     limit_sample,
@@ -88,6 +88,10 @@ def lock_state_dir(state_path: Path) -> TextIO:
     return handle
 
 
+# resources.evaluation_max_share is averaged over this many seconds: the time budget's burst.
+EVALUATION_BUDGET_SPAN_S = 60.0
+# Seconds between looks for runs approved outside this process (the CLI, a follower replica).
+APPROVAL_POLL_S = 1.0
 # Signals that quote the window texts most unlike the reference, in the order they are quoted.
 TYPICAL_EXAMPLE_SIGNALS = ("novelty", "domain_classifier")
 
@@ -192,11 +196,13 @@ class MonitorDaemon:
         self.resource_metrics = ResourceMetrics(self.metrics.registry)
         self.memory = MemoryWatch(config.resources.memory_soft_limit_mb, self.resource_metrics)
         rate = config.resources.embedding_max_texts_per_s
-        self.embedding_budget = (EmbeddingBudget(rate, burst=config.monitor.sample_size,
-                                                 initial=config.detectors.min_samples) if rate else None)
+        self.embedding_budget = (TokenBucket(rate, burst=config.monitor.sample_size,
+                                             initial=config.detectors.min_samples) if rate else None)
+        share = config.resources.evaluation_max_share
+        self.evaluation_budget = (TokenBucket(share, burst=share * EVALUATION_BUDGET_SPAN_S) if share else None)
         # Windows skipped or dropped since their last log line: under heavy traffic these happen
         # several times a second, so they are logged as a count once a minute.
-        self.unevaluated = {"skipped": CountedWarning(), "dropped": CountedWarning(), "stale": CountedWarning()}
+        self.unevaluated = {name: CountedWarning() for name in ("skipped", "skipped_time", "dropped", "stale")}
 
     # Lifecycle
 
@@ -231,6 +237,10 @@ class MonitorDaemon:
             self._restore_windows()
             self.scheduler.add_job(self.tick, "interval", seconds=self.config.monitor.check_interval_s,
                                    max_instances=1, coalesce=True, id="driftloop-check")
+            # An approval recorded elsewhere (the CLI, a follower replica) is promoted within a
+            # second, without waiting behind a check that may spend seconds on a window.
+            self.scheduler.add_job(self.promote_approved_runs, "interval", seconds=APPROVAL_POLL_S,
+                                   max_instances=1, coalesce=True, id="driftloop-promote")
             # A tick that outlasts the interval (a window evaluation can) makes APScheduler warn about
             # each skipped run. Skipping is intended, because the next tick picks up every closed window.
             logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
@@ -621,6 +631,12 @@ class MonitorDaemon:
         span = (sampler.last_at or started) - (sampler.started_at or started)
         cap = embedding_cap(self.config.resources.embedding_max_texts_per_s, span,
                             sample_size=self.config.monitor.sample_size, min_samples=self.config.detectors.min_samples)
+        if self.evaluation_budget is not None and self.evaluation_budget.available() <= 0:
+            self.resource_metrics.windows_skipped.inc()
+            self.unevaluated["skipped_time"].add(
+                "evaluation time budget spent: skipped %d closed windows in %.0f s, the last %s (%d events); their "
+                "events are stored (resources.evaluation_max_share)", window.id, sampler.count)
+            return
         if (self.embedding_budget is not None and cap is not None
                 and not self.embedding_budget.take(min(cap, len(sampler.sample)))):
             self.resource_metrics.windows_skipped.inc()
@@ -629,6 +645,8 @@ class MonitorDaemon:
                 "are stored (resources.embedding_max_texts_per_s)", window.id, sampler.count)
             return
         report = self.evaluator.evaluate(window.id, limit_sample(sampler, cap, seed=self.config.detectors.seed))
+        if self.evaluation_budget is not None:
+            self.evaluation_budget.charge(time.time() - started)
         self.metrics.evaluation_seconds.observe(time.time() - started)
         labelled, accuracy = self.store.window_accuracy(window.id)
         data = report.to_dict()
@@ -875,6 +893,20 @@ class MonitorDaemon:
     def _promote_approved(self) -> None:
         for run in self.store.runs(states=["approved"]):
             self.promote(run["id"], actor="approval")
+
+    def promote_approved_runs(self) -> None:
+        """Promote the runs approved since the last look, on the leader; a scheduled job of its own."""
+        if not self.leading or self.draining:
+            return
+        try:
+            self._promote_approved()
+        except DBAPIError as exc:
+            if not is_connection_error(exc):
+                logger.exception("promoting approved runs failed")
+                return
+            self._count_store_error("promote_approved", exc)
+        except Exception:  # noqa: BLE001 - the next look tries again
+            logger.exception("promoting approved runs failed")
 
     def promote(self, run_id: str, actor: str) -> str:
         """Register the run's candidate as a new version, activate it and rebuild the reference."""

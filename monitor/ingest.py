@@ -11,7 +11,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 MAX_ID_CHARS = 128
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -79,7 +82,12 @@ _NUMBER_TYPES = frozenset((int, float))
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the range of a float
+        return False
 
 
 def _parse_timestamp(value: Any, now: float) -> float:
@@ -105,7 +113,8 @@ def _parse_timestamp(value: Any, now: float) -> float:
     return timestamp
 
 
-def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_text_chars: int) -> dict[str, Any]:
+def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_text_chars: int,
+                 top: tuple[int, float] | None = None) -> dict[str, Any]:
     """Return the stored row for one event or raise (field, value, message) via ValueError args."""
     if not isinstance(item, dict):
         raise _Invalid("", type(item).__name__, "expected a JSON object")
@@ -143,7 +152,7 @@ def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_
     confidence = item.get("confidence")
     probabilities = item.get("probabilities")
     if probabilities is not None:
-        label, confidence = _check_probabilities(probabilities, label, labels)
+        label, confidence = _check_probabilities(probabilities, label, labels, top)
     else:
         if label is None or confidence is None:
             raise _Invalid("probabilities", None, "give either 'probabilities' or both 'label' and 'confidence'")
@@ -164,7 +173,47 @@ def _check_event(item: Any, labels: list[str], label_index: dict[str, int], max_
     }
 
 
-def _check_probabilities(probabilities: Any, label: Any, labels: list[str]) -> tuple[str, float]:
+def _batch_top_labels(items: list[Any], n_labels: int) -> dict[int, tuple[int, float]]:
+    """Check every probability list of a batch at once with numpy.
+
+    Returns ``{item index: (position of the highest probability, that probability)}`` when
+    every list that has one value per label holds only numbers in [0, 1] summing to 1.
+    Otherwise returns ``{}``, and each item is checked on its own, which names the bad value.
+    The type check runs first because numpy would turn ``true`` and ``"0.5"`` into numbers.
+    """
+    positions, rows = [], []
+    for index, item in enumerate(items):
+        probabilities = item.get("probabilities") if isinstance(item, dict) else None
+        if isinstance(probabilities, list) and len(probabilities) == n_labels:
+            positions.append(index)
+            rows.append(probabilities)
+    if not rows or not _NUMBER_TYPES.issuperset(map(type, chain.from_iterable(rows))):
+        return {}
+    try:
+        matrix = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range
+        return {}
+    totals = matrix.sum(axis=1)
+    if not (np.isfinite(totals).all() and matrix.min() >= 0.0 and matrix.max() <= 1.0
+            and np.abs(totals - 1.0).max() <= PROBABILITY_SUM_TOLERANCE):
+        return {}
+    # argmax gives the first position of the largest value, as list.index(max(...)) does.
+    tops = matrix.argmax(axis=1)
+    confidences = matrix[np.arange(len(rows)), tops]
+    return dict(zip(positions, zip(tops.tolist(), confidences.tolist())))
+
+
+def _check_probabilities(probabilities: Any, label: Any, labels: list[str],
+                         top: tuple[int, float] | None = None) -> tuple[str, float]:
+    """Return the predicted label and its probability; ``top`` is the batch check's answer, when it passed."""
+    position, confidence = top if top is not None else _top_probability(probabilities, labels)
+    if label is not None and label != labels[position]:
+        raise _Invalid("label", label, f"disagrees with the highest probability, which is for {labels[position]!r}")
+    return labels[position], confidence
+
+
+def _top_probability(probabilities: Any, labels: list[str]) -> tuple[int, float]:
+    """Check one probability list value by value; return the position of its largest value and that value."""
     if not isinstance(probabilities, list):
         raise _Invalid("probabilities", type(probabilities).__name__, "must be a list of numbers")
     if len(probabilities) != len(labels):
@@ -174,7 +223,10 @@ def _check_probabilities(probabilities: Any, label: Any, labels: list[str]) -> t
     # or float (bool excluded), and a finite sum rules out NaN and infinity. Otherwise the loop
     # below finds the first bad value for the error.
     plain = _NUMBER_TYPES.issuperset(map(type, probabilities))
-    total = math.fsum(probabilities) if plain else math.nan
+    try:
+        total = math.fsum(probabilities) if plain else math.nan
+    except OverflowError:  # an integer beyond the range of a float, named by the loop
+        total = math.nan
     if not (math.isfinite(total) and min(probabilities) >= 0.0 and max(probabilities) <= 1.0):
         for position, value in enumerate(probabilities):
             if not _finite_number(value):
@@ -185,9 +237,7 @@ def _check_probabilities(probabilities: Any, label: Any, labels: list[str]) -> t
         raise _Invalid("probabilities", f"sum {total:.6f}", f"must sum to 1 (tolerance {PROBABILITY_SUM_TOLERANCE})")
     # The first position of the largest value, as max(range(...), key=...) gives, at C speed.
     top = probabilities.index(max(probabilities))
-    if label is not None and label != labels[top]:
-        raise _Invalid("label", label, f"disagrees with the highest probability, which is for {labels[top]!r}")
-    return labels[top], float(probabilities[top])
+    return top, float(probabilities[top])
 
 
 class _Invalid(ValueError):
@@ -201,11 +251,12 @@ class _Invalid(ValueError):
 def validate_events(body: Any, labels: list[str], *, max_items: int, max_text_chars: int) -> BatchResult:
     items = _items(body, "events", max_items)
     label_index = {label: index for index, label in enumerate(labels)}
+    tops = _batch_top_labels(items, len(labels))
     result = BatchResult()
     seen: set[str] = set()
     for index, item in enumerate(items):
         try:
-            row = _check_event(item, labels, label_index, max_text_chars)
+            row = _check_event(item, labels, label_index, max_text_chars, tops.get(index))
         except _Invalid as exc:
             item_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
             path = f"events[{index}].{exc.field}" if exc.field else f"events[{index}]"

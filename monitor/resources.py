@@ -58,8 +58,8 @@ class ResourceMetrics:
             registry=registry)
         self.windows_skipped = Counter(
             "driftloop_windows_skipped_total",
-            "Closed windows not evaluated, because the embedding budget was spent or their version is no longer "
-            "active; their events stay stored.",
+            "Closed windows not evaluated, because the embedding or evaluation-time budget was spent or their "
+            "version is no longer active; their events stay stored.",
             registry=registry)
 
 
@@ -153,15 +153,21 @@ def embedding_cap(max_texts_per_s: float | None, span_s: float, *, sample_size: 
     return min(sample_size, max(rounded, min_samples))
 
 
-class EmbeddingBudget:
-    """Token bucket of embedded texts that keeps window evaluation at ``rate`` texts a second.
+class TokenBucket:
+    """Token bucket that holds a kind of work to ``rate`` units a second on average.
 
-    ``embedding_cap`` sizes one window by how long it took to fill, but never below
-    ``detectors.min_samples``. Windows that fill in a fraction of a second (thousands of
-    events a second) would each still embed that floor, so the sidecar would spend its core
-    on embeddings instead of ingest. The bucket gains ``rate`` texts a second of wall time,
-    keeps at most ``burst``, and a window is evaluated only when the bucket contains its cap.
-    Skipped windows are counted; their events stay in the store with their window id.
+    The bucket gains ``rate`` units a second of wall time and keeps at most ``burst``.
+    ``take`` spends units known before the work (texts to embed) and refuses when they are
+    not there; ``charge`` spends units known only after it (seconds an evaluation took), and
+    may leave the bucket in debt, which later gains repay first.
+
+    The daemon keeps two. Texts embedded: ``embedding_cap`` sizes one window by how long it
+    took to fill, but never below ``detectors.min_samples``, so windows that fill in a fraction
+    of a second would each still embed that floor. Seconds spent evaluating: the detectors
+    cost a window a fixed part that the number of texts does not change, so only a budget of
+    time bounds the share of the core they take. A window is evaluated only when both buckets
+    allow it; skipped windows are counted, and their events stay in the store with their
+    window id.
     """
 
     def __init__(self, rate: float, burst: float, initial: float | None = None, clock=time.monotonic) -> None:
@@ -174,15 +180,24 @@ class EmbeddingBudget:
         self.credit = burst if initial is None else min(initial, burst)
         self._last = clock()
 
-    def take(self, texts: int) -> bool:
-        """Spend ``texts`` and return True when the bucket contains them; otherwise return False and spend nothing."""
+    def available(self) -> float:
+        """Return the units in the bucket now; negative while in debt."""
         now = self.clock()
         self.credit = min(self.burst, self.credit + (now - self._last) * self.rate)
         self._last = now
-        if self.credit < texts:
+        return self.credit
+
+    def take(self, amount: float) -> bool:
+        """Spend ``amount`` and return True when the bucket contains it; otherwise return False and spend nothing."""
+        if self.available() < amount:
             return False
-        self.credit -= texts
+        self.credit -= amount
         return True
+
+    def charge(self, amount: float) -> None:
+        """Spend ``amount`` of work already done, into debt if need be."""
+        self.available()
+        self.credit -= amount
 
 
 def limit_sample(sampler: WindowSampler, cap: int | None, seed: int) -> WindowSampler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -59,7 +60,8 @@ class WindowSampler:
     sample_size : int
         Maximum number of observations kept for the drift tests.
     seed : int
-        Seed of the sampler's own ``numpy.random.Generator``.
+        Seed of the sampler's own ``random.Random``. Algorithm R draws once per observation
+        after the reservoir fills, and a draw from numpy's Generator costs ten times more.
     latency_sample_size : int, optional
         Maximum number of latencies kept. Defaults to ``sample_size``.
     """
@@ -75,7 +77,7 @@ class WindowSampler:
         self.sample_size = sample_size
         self.latency_sample_size = latency_sample_size
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._rng = random.Random(seed)
         self.count = 0
         self.sample: list[Observation] = []
         self.started_at: float | None = None
@@ -108,7 +110,7 @@ class WindowSampler:
         if len(reservoir) < capacity:
             reservoir.append(item)
             return
-        slot = int(self._rng.integers(0, seen))
+        slot = self._rng.randrange(seen)
         if slot < capacity:
             reservoir[slot] = item
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,24 @@ class EventRow(Base):
     window_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     true_label: Mapped[str | None] = mapped_column(String(256), nullable=True)
     labelled_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
+# The events table's columns in the order ``_event_values`` gives them: the labels last.
+EVENT_FIELDS = ("id", "timestamp", "received_at", "text", "predicted_label", "confidence", "latency_ms", "version",
+                "window_id")
+EVENT_COLUMNS = (*EVENT_FIELDS, "true_label", "labelled_at")
+_event_fields = itemgetter(*EVENT_FIELDS)
+
+
+def _event_values(row: dict[str, Any], pending: tuple[str, float] | None) -> tuple:
+    """Return one event's column values; ``pending`` is a label (and its time) that waited for the event."""
+    try:
+        fields = _event_fields(row)
+    except KeyError:  # a row that leaves out optional fields
+        fields = tuple(row.get(name) for name in EVENT_FIELDS)
+    if pending is None:
+        pending = (row.get("true_label"), row.get("labelled_at"))
+    return (*fields, *pending)
 
 
 class PendingLabelRow(Base):
@@ -253,6 +274,10 @@ class Store:
                 ) from None
             raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The most parameters one statement may have: SQLite before 3.32 allows 999.
+        self._max_parameters = 65535 if self.dialect == "postgresql" else 999
+        if self.dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 32):
+            self._max_parameters = 32766
         self._any_pending_label = select(select(PendingLabelRow.__table__.c.event_id).limit(1).exists())
 
     @contextmanager
@@ -308,10 +333,7 @@ class Store:
                 found = connection.execute(
                     select(labels.c.event_id, labels.c.label, labels.c.received_at).where(labels.c.event_id.in_(ids)))
                 pending = {event_id: (label, received_at) for event_id, label, received_at in found}
-            values = []
-            for row in rows:
-                label, labelled_at = pending.get(row["id"], (row.get("true_label"), row.get("labelled_at")))
-                values.append({**row, "true_label": label, "labelled_at": labelled_at})
+            values = [_event_values(row, pending.get(row["id"])) for row in rows]
             inserted = self._insert_new_events(connection, values)
             moved = place([row for row in rows if row["id"] in inserted]) if place else {}
             for window_id, moved_ids in moved.items():
@@ -321,8 +343,8 @@ class Store:
                 connection.execute(delete(labels).where(labels.c.event_id.in_(applied)))
         return len(inserted), [event_id for event_id in ids if event_id not in inserted], len(applied)
 
-    def _insert_new_events(self, connection: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert the rows whose id is not stored yet; return the ids inserted.
+    def _insert_new_events(self, connection: Connection, values: list[tuple]) -> set[str]:
+        """Insert the events (as ``_event_values`` tuples) whose id is not stored yet; return the ids inserted.
 
         On SQLite and PostgreSQL this is one multi-row ``INSERT ... ON CONFLICT (id) DO NOTHING
         RETURNING id`` in the driver's own SQL. SQLAlchemy's executemany with RETURNING builds
@@ -332,27 +354,24 @@ class Store:
         table = EventRow.__table__
         placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(self.engine.dialect.paramstyle)
         if self.dialect not in ("sqlite", "postgresql") or placeholder is None:
-            existing = set(connection.scalars(select(table.c.id).where(table.c.id.in_([row["id"] for row in rows]))))
-            fresh = [row for row in rows if row["id"] not in existing]
+            existing = set(connection.scalars(select(table.c.id).where(table.c.id.in_([row[0] for row in values]))))
+            fresh = [dict(zip(EVENT_COLUMNS, row)) for row in values if row[0] not in existing]
             if fresh:
                 connection.execute(insert(table), fresh)
             return {row["id"] for row in fresh}
-        columns = [column.name for column in table.columns]
-        # SQLite before 3.32 allows 999 parameters in a statement; later SQLite and PostgreSQL allow more.
-        per_statement = max(1, 999 // len(columns))
-        tuple_sql = "(" + ", ".join([placeholder] * len(columns)) + ")"
+        per_statement = max(1, self._max_parameters // len(EVENT_COLUMNS))
+        tuple_sql = "(" + ", ".join([placeholder] * len(EVENT_COLUMNS)) + ")"
         inserted: set[str] = set()
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start:start + per_statement]
-            sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([tuple_sql] * len(chunk))} "
-                   "ON CONFLICT (id) DO NOTHING RETURNING id")
-            parameters = tuple(row.get(name) for row in chunk for name in columns)
+        for start in range(0, len(values), per_statement):
+            chunk = values[start:start + per_statement]
+            sql = (f"INSERT INTO {table.name} ({', '.join(EVENT_COLUMNS)}) "
+                   f"VALUES {', '.join([tuple_sql] * len(chunk))} ON CONFLICT (id) DO NOTHING RETURNING id")
+            parameters = tuple(chain.from_iterable(chunk))
             inserted.update(event_id for (event_id,) in connection.exec_driver_sql(sql, parameters))
         return inserted
 
     def known_event_ids(self, ids: list[str]) -> set[str]:
-        # A Core query on a plain connection: it runs once per ingest batch, and an ORM session adds a
-        # millisecond or so that buys nothing here.
+        # A Core query on a plain connection: an ORM session adds a millisecond or so that buys nothing here.
         table = EventRow.__table__
         with self.engine.connect() as connection:
             return set(connection.execute(select(table.c.id).where(table.c.id.in_(ids))).scalars())

@@ -404,7 +404,7 @@ def _decide(store: Store, run_id: str, from_states: tuple[str, ...], state: str,
 
 
 def approve_run(store: Store, run_id: str, *, actor: str, comment: str = "") -> dict:
-    """Mark a run that waits for a person or for data approved; the daemon promotes it on its next check."""
+    """Mark a run that waits for a person or for data approved; the leader's daemon promotes it within a second."""
     return _decide(store, run_id, ("pending_approval", "awaiting_data"), "approved", actor=actor,
                    action="run_approved", comment=comment, verb="approved")
 

@@ -136,3 +136,37 @@ def test_recheck_of_a_replaced_base_supersedes(tmp_path_factory, tiny_model_dir,
         assert daemon.store.get_run(run["id"])["state"] == "superseded"
     finally:
         daemon.stop()
+
+
+def test_cli_approval_promoted_without_waiting_for_a_check(tmp_path_factory, tiny_model_dir, clinc_dir, capsys):
+    import time
+
+    import yaml
+
+    from monitor.cli import main
+
+    state = tmp_path_factory.mktemp("policy-cli")
+    raw = tiny_deployment_config(state, tiny_model_dir)
+    raw["approval"] = "manual"
+    raw["monitor"]["check_interval_s"] = 3600  # no scheduled check runs during the test
+    config_file = state / "driftloop.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    config = parse_config(raw)
+    bootstrap(config, log=lambda message: None)
+    daemon = started_daemon(config)
+    try:
+        daemon._refresh_leadership()  # the first scheduled check would; this test has none
+        post_labelled_events(daemon, 60)
+        run = retrain(daemon)
+        assert run["state"] == "pending_approval"
+
+        assert main(["--config", str(config_file), "approve", run["id"], "--by", "owner", "--comment", "ok"]) == 0
+        assert "promotes it within about a second" in capsys.readouterr().out
+        deadline = time.monotonic() + 30
+        while daemon.active_name != "v2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert daemon.active_name == "v2"
+        assert daemon.store.get_run(run["id"])["state"] == "active"
+    finally:
+        daemon.stop()

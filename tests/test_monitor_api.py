@@ -94,6 +94,10 @@ BAD_EVENTS = [
     ("nan-probability", {"probabilities": "nan"}, "probabilities[0]"),
     ("negative-probability", {"probabilities": "negative"}, "probabilities[0]"),
     ("not-normalised", {"probabilities": "half"}, "probabilities"),
+    ("boolean-probability", {"probabilities": "one-hot-true"}, "probabilities[0]"),
+    ("string-probability", {"probabilities": "string"}, "probabilities[0]"),
+    ("integer-beyond-float", {"probabilities": "huge"}, "probabilities[0]"),
+    ("latency-beyond-float", {"latency_ms": 10**400}, "latency_ms"),
     ("wrong-length", {"probabilities": [1.0]}, "probabilities"),
     ("empty-text", {"text": "   "}, "text"),
     ("missing-id", {"id": None}, "id"),
@@ -116,6 +120,10 @@ def test_bad_event_rejected_rest_kept(client, daemon, changes, field):
         changes = {}
     elif changes.get("probabilities") == "half":
         bad["probabilities"] = [value / 2 for value in bad["probabilities"]]
+        changes = {}
+    elif changes.get("probabilities") in ("one-hot-true", "string", "huge"):
+        first = {"one-hot-true": True, "string": "1", "huge": 10**400}[changes["probabilities"]]
+        bad["probabilities"] = [first] + [0] * (len(bad["probabilities"]) - 1)
         changes = {}
     bad.update(changes)
     good = make_event(daemon, 301 + len(field))

@@ -20,9 +20,9 @@ from monitor.config import parse_config
 from monitor.daemon import MonitorDaemon
 from monitor.resources import (
     MIB,
-    EmbeddingBudget,
     MemoryWatch,
     ResourceMetrics,
+    TokenBucket,
     apply_thread_limits,
     embedding_cap,
     limit_sample,
@@ -707,7 +707,7 @@ def test_probability_tie_takes_first():
 
 def test_embedding_budget_bucket():
     now = [0.0]
-    budget = EmbeddingBudget(rate=20.0, burst=100.0, clock=lambda: now[0])
+    budget = TokenBucket(rate=20.0, burst=100.0, clock=lambda: now[0])
 
     assert budget.take(100)
     assert not budget.take(40)  # empty
@@ -719,11 +719,25 @@ def test_embedding_budget_bucket():
     assert budget.take(100)
     assert not budget.take(1)  # the bucket keeps at most the burst
     with pytest.raises(ValueError, match="rate=0"):
-        EmbeddingBudget(rate=0, burst=10)
+        TokenBucket(rate=0, burst=10)
 
-    starting = EmbeddingBudget(rate=20.0, burst=100.0, initial=30.0, clock=lambda: now[0])
+    starting = TokenBucket(rate=20.0, burst=100.0, initial=30.0, clock=lambda: now[0])
     assert starting.take(30)
     assert not starting.take(1)
+
+
+def test_time_budget_charges_into_debt():
+    now = [0.0]
+    budget = TokenBucket(rate=0.1, burst=6.0, clock=lambda: now[0])  # 10% of the time, over a minute
+
+    budget.charge(8.0)  # an evaluation longer than the burst
+    assert budget.available() == pytest.approx(-2.0)
+    now[0] = 19.0
+    assert budget.available() < 0  # 1.9 s repaid of 2
+    now[0] = 21.0
+    assert budget.available() == pytest.approx(0.1)
+    now[0] = 1000.0
+    assert budget.available() == 6.0
 
 
 def test_windows_over_budget_skipped(fresh, caplog):
@@ -742,6 +756,24 @@ def test_windows_over_budget_skipped(fresh, caplog):
         assert caplog.text.count("embedding budget spent") == 1
         assert daemon.store.known_event_ids([f"op-{i}" for i in range(6000, 6200)]) == {
             f"op-{i}" for i in range(6000, 6200)}
+    finally:
+        daemon.stop(timeout_s=5)
+
+
+def test_windows_over_time_budget_skipped(fresh, caplog):
+    raw = with_changes(fresh, resources={"evaluation_max_share": 0.001})  # 0.06 s a minute
+    daemon = MonitorDaemon(parse_config(raw), registry=CollectorRegistry())
+    daemon.start(background=False)
+    try:
+        daemon.ingest_events(events(120, 7000))  # three windows of 40
+        with caplog.at_level("WARNING", logger="monitor.daemon"):
+            daemon.tick()
+
+        # The first evaluation takes longer than the whole burst, so the other two are skipped.
+        assert len(daemon.store.windows(limit=10)) == 1
+        assert daemon.resource_metrics.windows_skipped._value.get() == 2
+        assert caplog.text.count("evaluation time budget spent") == 1
+        assert "resources.evaluation_max_share" in caplog.text
     finally:
         daemon.stop(timeout_s=5)
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, text
 
 from monitor.errors import DriftloopError
 from monitor.ingest import validate_events
-from monitor.store import DatabaseUnavailableError, Store, open_store, redacted_url
+from monitor.store import EVENT_COLUMNS, DatabaseUnavailableError, EventRow, Store, open_store, redacted_url
 
 
 def event(event_id: str, window: str = "w1", received_at: float | None = None, **values) -> dict:
@@ -39,6 +39,27 @@ def test_events_duplicates_and_pending_labels(store):
     assert store.count_labelled() == 2
     assert store.window_accuracy("w1") == (2, 1.0)
     assert [row[0] for row in store.labelled_events()] == ["e1", "e2"]
+
+
+def test_batch_over_several_statements_and_rows_without_optional_fields(store):
+    store._max_parameters = 999  # SQLite before 3.32: 90 events a statement
+    store.insert_events([event(f"b{index}") for index in range(0, 200, 2)])
+    rows = [event(f"b{index}") for index in range(200)]
+    for row in rows[::3]:
+        for name in ("latency_ms", "version", "window_id"):
+            del row[name]
+
+    inserted, duplicates, applied = store.insert_events(rows)
+
+    assert (inserted, applied) == (100, 0)
+    assert duplicates == [f"b{index}" for index in range(0, 200, 2)]
+    assert store.known_event_ids([f"b{index}" for index in range(200)]) == {f"b{index}" for index in range(200)}
+    assert {row["id"] for row in store.events_of_window("w1")} == {
+        f"b{index}" for index in range(200) if index % 2 == 0 or index % 3 != 0}
+
+
+def test_event_columns_cover_the_table():
+    assert sorted(EVENT_COLUMNS) == sorted(column.name for column in EventRow.__table__.columns)
 
 
 def test_timestamps_keep_double_precision(store):
