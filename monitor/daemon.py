@@ -375,8 +375,12 @@ class MonitorDaemon:
             self.metrics.last_event_received.set_to_current_time()
         if labelled:
             self.metrics.labels_pending.dec(labelled)
-        buffered = {row["id"] for row in result.valid} - {row["id"] for row in rows}
-        result.duplicates = sorted(buffered | set(duplicates))
+        # Events already held in the buffer count as duplicates too; usually there are none.
+        held = []
+        if len(rows) < len(result.valid):
+            kept = {row["id"] for row in rows}
+            held = [row["id"] for row in result.valid if row["id"] not in kept]
+        result.duplicates = sorted([*held, *duplicates])
         if result.duplicates:
             self.metrics.events_duplicate.inc(len(result.duplicates))
         return result

@@ -761,7 +761,7 @@ def test_windows_over_budget_skipped(fresh, caplog):
 
 
 def test_windows_over_time_budget_skipped(fresh, caplog):
-    raw = with_changes(fresh, resources={"evaluation_max_share": 0.001})  # 0.06 s a minute
+    raw = with_changes(fresh, resources={"evaluation_max_share": 1e-6})  # 60 µs a minute
     daemon = MonitorDaemon(parse_config(raw), registry=CollectorRegistry())
     daemon.start(background=False)
     try:
