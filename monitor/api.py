@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
-import os
-from pathlib import Path
 
 import orjson
 from fastapi import FastAPI, Request
@@ -16,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from sqlalchemy.exc import DBAPIError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from monitor.config import AuthConfig
+from monitor.auth import bearer_matches, load_token
 from monitor.daemon import MonitorDaemon
 from monitor.errors import DriftloopError, NotFoundError
 from monitor.event_buffer import BufferFullError
@@ -29,19 +26,6 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client is asked to wait before it posts again to a sidecar that is still starting.
 STARTUP_RETRY_AFTER_S = 5
-
-
-def load_token(auth: AuthConfig) -> str | None:
-    """Read the API token from the environment, else from the token file; never from the config."""
-    token = os.environ.get(auth.token_env)
-    if token:
-        return token.strip()
-    if auth.token_file:
-        path = Path(auth.token_file)
-        if path.is_file():
-            return path.read_text().strip() or None
-        logger.warning("auth.token_file %s not found; write endpoints stay closed", path)
-    return None
 
 
 def parse_json(raw: bytes):
@@ -77,9 +61,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         if token is None:
             return JSONResponse({"error": f"no API token configured on the monitor; set {daemon.config.auth.token_env}"},
                                 status_code=403)
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+        if not bearer_matches(request.headers.get("authorization", ""), token):
             return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return None

@@ -143,6 +143,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from monitor.auth import load_token
     from monitor.config import resolve_model_path
     from retrain.emitter import EventEmitter
     from retrain.jobs import WAITING_STATES
@@ -166,6 +167,7 @@ def cmd_serve(args) -> int:
         poll_interval_s=config.server.poll_interval_s,
         device=None if config.model.device == "auto" else config.model.device,
         num_threads=config.model.num_threads,
+        reload_token=load_token(config.auth),
     )
     try:
         _serve(_http_server(app), sock, "model server")

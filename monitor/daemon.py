@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError
 
+from monitor.auth import bearer_header, load_token
 from monitor.config import Config, resolve_model_path
 from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
@@ -988,7 +989,10 @@ class MonitorDaemon:
         server = self.config.server
         url = f"http://{server.host}:{server.port}/v1/admin/reload"
         try:
-            httpx.post(url, timeout=10.0)
+            response = httpx.post(url, headers=bearer_header(load_token(self.config.auth)), timeout=10.0)
+            if response.status_code != 200:
+                logger.warning("the model server at %s returned %d to the reload request: %s", url, response.status_code,
+                               response.text[:200])
         except httpx.HTTPError as exc:
             # The server also polls the registry, so it picks the version up within its poll interval.
             logger.warning("could not notify the model server at %s: %s", url, exc)

@@ -40,6 +40,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
+from monitor.auth import bearer_matches
 from retrain.emitter import EventEmitter
 
 if TYPE_CHECKING:
@@ -551,6 +552,7 @@ def create_app(
     preload_candidates: int = 1,
     keep_previous: int = 1,
     max_concurrent_predictions: int = 2,
+    reload_token: str | None = None,
 ) -> FastAPI:
     """Build the inference app.
 
@@ -564,7 +566,8 @@ def create_app(
     first version before it accepts requests, starts the poll thread and starts ``emitter``.
     At shutdown it stops the poll thread and closes ``emitter``, which flushes queued events.
     ``registry`` defaults to a new ``CollectorRegistry``. A registry can back only one app,
-    because the metric names would collide.
+    because the metric names would collide. With ``reload_token`` set, POST /v1/admin/reload
+    takes only that bearer token.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -755,10 +758,13 @@ def create_app(
         metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse(result)
 
-    # NOTE: this endpoint has no authentication. It only makes the server re-read the
-    # version source, so keep the port on a trusted network.
     @app.post("/v1/admin/reload")
-    async def reload_version() -> Response:
+    async def reload_version(request: Request) -> Response:
+        # Without a configured token the endpoint is open: it only makes the server re-read the
+        # version source, which its poll does anyway.
+        if reload_token is not None and not bearer_matches(request.headers.get("authorization", ""), reload_token):
+            return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         # Its own thread: under load every worker thread of the shared pool may be busy with a
         # classify request, and a swap must not wait behind them.
         loop = asyncio.get_running_loop()

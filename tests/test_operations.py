@@ -808,3 +808,25 @@ def test_window_of_replaced_version_is_skipped(daemon, caplog):
     assert daemon.resource_metrics.windows_skipped._value.get() == 1
     assert "of a version no longer active" in caplog.text
     assert "version v0" in caplog.text
+
+
+def test_reload_notice_carries_the_api_token(fresh, monkeypatch):
+    from fastapi import FastAPI, Request
+
+    from tests.conftest import ServerThread
+
+    seen = []
+    app = FastAPI()
+
+    @app.post("/v1/admin/reload")
+    async def reload(request: Request):
+        seen.append(request.headers.get("authorization"))
+        return {"version": "v1"}
+
+    with ServerThread(app) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        config = parse_config(with_changes(fresh, server={"host": "127.0.0.1", "port": port}))
+        monkeypatch.setenv(config.auth.token_env, "s3cret")
+        MonitorDaemon(config, registry=CollectorRegistry())._notify_server()
+
+    assert seen == ["Bearer s3cret"]

@@ -247,6 +247,19 @@ def test_admin_reload_swaps_version(client, source, expected_probabilities):
     _assert_matches_version(body, PROBE_TEXTS, expected_probabilities)
 
 
+
+def test_admin_reload_takes_only_the_configured_token(tiny_model_dir, source):
+    with TestClient(_make_app(tiny_model_dir, source, reload_token="s3cret")) as client:
+        source.activate("v2")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = client.post("/v1/admin/reload", headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/version").json()["version"] == "v1"
+
+        response = client.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert response.json() == {"version": "v2"}
+
 def test_load_failure_keeps_old_version(client, source, tmp_path):
     source.missing_dir = tmp_path / "no-such-adapter"
     source.activate("v3")
