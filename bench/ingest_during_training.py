@@ -50,7 +50,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from bench.record import LoadReading, OtherLoad, machine_facts, write_section  # noqa: E402
+from bench.record import LoadReading, OtherLoad, machine_facts, publish  # noqa: E402
 
 logger = logging.getLogger("bench.ingest_during_training")
 
@@ -399,10 +399,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                  "uvicorn": uvicorn.__version__, "httpx": httpx.__version__}
 
     section = render(args, blocks, conditions, rounds, seconds, retried, time.monotonic() - started, facts)
-    print(section)
-    out = write_section(args.out, SECTION, section)
-    logger.info("wrote the %s section of %s", SECTION, out)
-    return out
+    return publish(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from bench.record import machine_facts, write_section  # noqa: E402
+from bench.record import machine_facts, publish  # noqa: E402
+from monitor.demo import wait_ready  # noqa: E402
 
 SECTION = "bench/operations.py"
 HOST = "127.0.0.1"
@@ -118,22 +119,6 @@ def quantiles(values: list[float]) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
     return {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1], "n": len(ordered)}
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"error: the server exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"error: {base} was not ready within {timeout_s} s")
 
 
 def event_bodies(count: int, prefix: str, labels: list[str], texts: list[str]) -> list[bytes]:
@@ -263,6 +248,24 @@ def alternate_ingest(bases: dict[str, str], labels: dict[str, list[str]], second
     return figures
 
 
+def window_counts(exposition: str) -> dict[str, float]:
+    """Windows evaluated, skipped and dropped, and the seconds spent evaluating, from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"evaluated": 0.0, "skipped": 0.0, "dropped": 0.0, "evaluation_s": 0.0}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == "driftloop_windows_evaluated_total":
+                counts["evaluated"] += sample.value
+            elif sample.name == "driftloop_windows_skipped_total":
+                counts["skipped"] = sample.value
+            elif sample.name == "driftloop_windows_dropped_total":
+                counts["dropped"] = sample.value
+            elif sample.name == "driftloop_window_evaluation_seconds_sum":
+                counts["evaluation_s"] = sample.value
+    return counts
+
+
 def run_sidecar(state: Path, seconds: float, texts: list[str], echo_base: str) -> dict:
     import httpx
     import yaml
@@ -280,7 +283,7 @@ def run_sidecar(state: Path, seconds: float, texts: list[str], echo_base: str) -
                                preexec_fn=pinned(SERVER_CORE))
     result: dict = {}
     try:
-        wait_ready(base, process)
+        wait_ready(f"{base}/readyz", process, "the sidecar", state / "sidecar.log", timeout_s=600)
         time.sleep(2)
         result["rss_ready_mib"] = resident_mib(process.pid)
         result["scrape_idle"] = scrape(base, SCRAPES)
@@ -291,6 +294,7 @@ def run_sidecar(state: Path, seconds: float, texts: list[str], echo_base: str) -
         both = alternate_ingest({"driftloop": base, "echo": echo_base}, {"driftloop": head, "echo": echo_labels},
                                 seconds, texts)
         result["ingest"], result["echo_ingest"] = both["driftloop"], both["echo"]
+        result["windows"] = window_counts(httpx.get(f"{base}/metrics", timeout=10).text)
         result["rss_after_ingest_mib"] = resident_mib(process.pid)
 
         # Drifted, labelled traffic; labels first, so they wait for their events.
@@ -339,7 +343,7 @@ def start_echo() -> tuple[subprocess.Popen, str, dict]:
     process = subprocess.Popen([sys.executable, "-c", ECHO_APP, str(port)], cwd=REPOSITORY,
                                preexec_fn=pinned(SERVER_CORE))
     try:
-        wait_ready(base, process, timeout_s=60)
+        wait_ready(f"{base}/readyz", process, "the echo server", timeout_s=60)
         return process, base, {"rss_ready_mib": resident_mib(process.pid), "scrape_idle": scrape(base, SCRAPES)}
     except BaseException:
         process.terminate()
@@ -353,6 +357,7 @@ def ratio(value: float, baseline: float) -> str:
 
 def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
     ingest, base_ingest = sidecar["ingest"], sidecar["echo_ingest"]
+    windows = sidecar["windows"]
     round_ratios = [ours / theirs for ours, theirs in zip(ingest["rounds_events_per_s"],
                                                           base_ingest["rounds_events_per_s"])]
     idle, base_idle = sidecar["scrape_idle"]["latency_ms"], echo["scrape_idle"]["latency_ms"]
@@ -394,6 +399,10 @@ def report(sidecar: dict, echo: dict, seconds: float, machine: str) -> str:
         + f"; ratio per round {min(round_ratios):.2f} to {max(round_ratios):.2f}, median "
         f"{statistics.median(round_ratios):.2f}.",
         "",
+        f"Windows during the ingest rounds (from /metrics): {windows['evaluated']:.0f} evaluated in "
+        f"{windows['evaluation_s']:.1f} s in all, {windows['skipped']:.0f} skipped by the budgets, "
+        f"{windows['dropped']:.0f} dropped because evaluation was behind.",
+        "",
         f"Ingest failures: {ingest['failures']} driftloop, {base_ingest['failures']} echo. SIGTERM during the "
         f"retrain: exit status {sidecar['exit_status']} after {sidecar['drain_s']:.1f} s; the run ended "
         f"{sidecar['run_state']}.",
@@ -429,9 +438,10 @@ def main() -> int:
             echo_process.terminate()
             echo_process.wait()
     body = report(sidecar, echo, args.seconds, machine)
-    print(body)
     if args.out:
-        write_section(args.out, SECTION, body)
+        publish(args.out, SECTION, body)
+    else:
+        print(body)
     return 0
 
 

@@ -59,7 +59,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from bench.record import CLOCK_TICKS, OtherLoad, _busy_ticks, _own_ticks, machine_facts, write_section  # noqa: E402
+from bench.record import CLOCK_TICKS, OtherLoad, _busy_ticks, _own_ticks, machine_facts, publish  # noqa: E402
+from monitor.demo import wait_ready  # noqa: E402
 
 logger = logging.getLogger("bench.promotion")
 
@@ -207,24 +208,8 @@ class Processes:
             self.children[name] = subprocess.Popen(self.command(command), stdout=handle, stderr=subprocess.STDOUT,
                                                    env=self.env, cwd=REPOSITORY)
             handle.close()
-        self._wait_ready("monitor", f"{self.monitor_url}/readyz")
-        self._wait_ready("server", f"{self.server_url}/readyz")
-
-    def _wait_ready(self, name: str, url: str, timeout_s: float = 300.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            child = self.children[name]
-            if child.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {child.returncode} before it was ready; see {self.logs[name]}")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{name} was not ready after {timeout_s:.0f} s; see {self.logs[name]}")
+        wait_ready(f"{self.monitor_url}/readyz", self.children["monitor"], "monitor", self.logs["monitor"])
+        wait_ready(f"{self.server_url}/readyz", self.children["server"], "server", self.logs["server"])
 
     def pids(self) -> dict[str, int]:
         return {name: child.pid for name, child in self.children.items()}
@@ -1094,10 +1079,7 @@ def main(argv: list[str] | None = None) -> Path:
     # The children were waited for, so their CPU time counts as this process's own.
     load_note = load.read().describe()
     section = render(args, size, bench, expected, part, time.monotonic() - started, load_note)
-    print(section)
-    out = write_section(args.out, SECTION, section)
-    logger.info("wrote the %s section of %s", SECTION, out)
-    return out
+    return publish(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

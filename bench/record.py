@@ -7,6 +7,7 @@ the rest of the file as it is.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -133,6 +134,14 @@ def write_section(path: str | Path, name: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
     return path
+
+
+def publish(path: str | Path, name: str, body: str) -> Path:
+    """Print a benchmark's section, write it into ``path`` with ``write_section`` and log where."""
+    print(body)
+    out = write_section(path, name, body)
+    logging.getLogger("bench").info("wrote the %s section of %s", name, out)
+    return out
 
 
 # Taken when a benchmark imports this module, before it loads driftloop, because the

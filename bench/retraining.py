@@ -40,7 +40,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from bench.record import OtherLoad, machine_facts, write_section  # noqa: E402
+from bench.record import OtherLoad, machine_facts, publish  # noqa: E402
 from monitor.config import load_config, resolve_model_path  # noqa: E402
 from retrain.assembly import split_validation  # noqa: E402
 from retrain.datasets import OUT_OF_SCOPE, cap_per_label, load_clinc150  # noqa: E402
@@ -427,10 +427,7 @@ def main(argv: list[str] | None = None) -> Path:
                 lora["test"].macro_f1)
     load_note = load.read().describe()
     section = render(args, size, split, probe, lora, time.monotonic() - started, load_note)
-    print(section)
-    out = write_section(args.out, SECTION, section)
-    logger.info("wrote the %s section of %s", SECTION, out)
-    return out
+    return publish(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

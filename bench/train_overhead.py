@@ -50,7 +50,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from bench.record import OtherLoad, machine_facts, write_section  # noqa: E402
+from bench.record import OtherLoad, machine_facts, publish  # noqa: E402
 from monitor.config import load_config, resolve_model_path  # noqa: E402
 from retrain.datasets import load_clinc150  # noqa: E402
 
@@ -359,10 +359,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise SystemExit(f"error: the first-step losses of driftloop and the bare loop differ by up to {gap:.2e}, "
                              "so they did not train the same model on the same batch; the comparison is void")
     section = render(args, plan, results, retried, time.monotonic() - started, load.read().describe())
-    print(section)
-    out = write_section(args.out, SECTION, section)
-    logger.info("wrote the %s section of %s", SECTION, out)
-    return out
+    return publish(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -126,18 +126,21 @@ def prepare_config(config_path: str | Path, quick: bool, overrides: dict | None 
     return config, raw, path.parent
 
 
-def _wait_ready(url: str, process: subprocess.Popen, name: str, log: Path, timeout_s: float = 300.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+def wait_ready(url: str, process: subprocess.Popen, name: str, log: Path | None = None,
+               timeout_s: float = 300.0) -> None:
+    """Poll ``url`` until it returns 200; raise RuntimeError when ``process`` exits or time runs out."""
+    see = f"; see {log}" if log is not None else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode}; see {log}")
+            raise RuntimeError(f"{name} exited with code {process.returncode} before it was ready{see}")
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; see {log}")
+    raise RuntimeError(f"{name} was not ready after {timeout_s:.0f} s{see}")
 
 
 def _start(command: str, runtime_config: Path, log: Path) -> subprocess.Popen:
@@ -517,8 +520,8 @@ def run_demo(config_path: str | Path, *, quick: bool = False, keep_state: bool =
     monitor = _start("run", runtime, logs["monitor"])
     server = _start("serve", runtime, logs["server"])
     try:
-        _wait_ready(f"{config.server.monitor_url}/readyz", monitor, "monitor", logs["monitor"])
-        _wait_ready(f"http://127.0.0.1:{config.server.port}/readyz", server, "server", logs["server"])
+        wait_ready(f"{config.server.monitor_url}/readyz", monitor, "monitor", logs["monitor"])
+        wait_ready(f"http://127.0.0.1:{config.server.port}/readyz", server, "server", logs["server"])
         timeline.say("monitor and server are ready")
         demo = DemoRun(config, scenario, config.server.monitor_url, f"http://127.0.0.1:{config.server.port}", timeline)
         closed = demo.run()
