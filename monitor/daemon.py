@@ -91,7 +91,7 @@ def lock_state_dir(state_path: Path) -> TextIO:
 
 # resources.evaluation_max_share is averaged over this many seconds: the time budget's burst.
 EVALUATION_BUDGET_SPAN_S = 60.0
-# Seconds between looks for runs approved outside this process (the CLI, a follower replica).
+# Seconds between polls for runs approved outside this process (the CLI, a follower replica).
 APPROVAL_POLL_S = 1.0
 # Signals that quote the window texts most unlike the reference, in the order they are quoted.
 TYPICAL_EXAMPLE_SIGNALS = ("novelty", "domain_classifier")
@@ -377,11 +377,11 @@ class MonitorDaemon:
         if labelled:
             self.metrics.labels_pending.dec(labelled)
         # Events already held in the buffer count as duplicates too; usually there are none.
-        held = []
+        buffered_ids = []
         if len(rows) < len(result.valid):
-            kept = {row["id"] for row in rows}
-            held = [row["id"] for row in result.valid if row["id"] not in kept]
-        result.duplicates = sorted([*held, *duplicates])
+            new_ids = {row["id"] for row in rows}
+            buffered_ids = [row["id"] for row in result.valid if row["id"] not in new_ids]
+        result.duplicates = sorted([*buffered_ids, *duplicates])
         if result.duplicates:
             self.metrics.events_duplicate.inc(len(result.duplicates))
         return result
@@ -900,7 +900,7 @@ class MonitorDaemon:
             self.promote(run["id"], actor="approval")
 
     def promote_approved_runs(self) -> None:
-        """Promote the runs approved since the last look, on the leader; a scheduled job of its own."""
+        """Promote the runs approved since the last poll, on the leader only; a scheduled job of its own."""
         if not self.leading or self.draining:
             return
         try:

@@ -205,7 +205,7 @@ def _batch_top_labels(items: list[Any], n_labels: int) -> dict[int, tuple[int, f
 
 def _check_probabilities(probabilities: Any, label: Any, labels: list[str],
                          top: tuple[int, float] | None = None) -> tuple[str, float]:
-    """Return the predicted label and its probability; ``top`` is the batch check's answer, when it passed."""
+    """Return the predicted label and its probability; ``top`` is the batch check's result, when it passed."""
     position, confidence = top if top is not None else _top_probability(probabilities, labels)
     if label is not None and label != labels[position]:
         raise _Invalid("label", label, f"disagrees with the highest probability, which is for {labels[position]!r}")

@@ -154,7 +154,7 @@ def embedding_cap(max_texts_per_s: float | None, span_s: float, *, sample_size: 
 
 
 class TokenBucket:
-    """Token bucket that holds a kind of work to ``rate`` units a second on average.
+    """Token bucket that limits a kind of work to ``rate`` units a second on average.
 
     The bucket gains ``rate`` units a second of wall time and keeps at most ``burst``.
     ``take`` spends units known before the work (texts to embed) and refuses when they are

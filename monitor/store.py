@@ -274,7 +274,7 @@ class Store:
                 ) from None
             raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # The most parameters one statement may have: SQLite before 3.32 allows 999.
+        # The maximum number of parameters in one statement. SQLite before 3.32 allows 999.
         self._max_parameters = 65535 if self.dialect == "postgresql" else 999
         if self.dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 32):
             self._max_parameters = 32766

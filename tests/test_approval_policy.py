@@ -138,7 +138,7 @@ def test_recheck_of_a_replaced_base_supersedes(tmp_path_factory, tiny_model_dir,
         daemon.stop()
 
 
-def test_cli_approval_promoted_without_waiting_for_a_check(tmp_path_factory, tiny_model_dir, clinc_dir, capsys):
+def test_cli_approval_promoted_quickly(tmp_path_factory, tiny_model_dir, clinc_dir, capsys):
     import time
 
     import yaml

@@ -139,7 +139,7 @@ def test_drain_evaluates_closed_windows(daemon):
     assert daemon.draining
 
 
-def test_window_closes_inside_a_batch_with_stored_duplicates(daemon):
+def test_window_close_mid_batch_duplicates(daemon):
     """Ids already stored do not count: the window closes at exactly window_size new events."""
     daemon.start(background=False)
     daemon.ingest_events(events(30, 3000))
@@ -810,7 +810,7 @@ def test_window_of_replaced_version_is_skipped(daemon, caplog):
     assert "version v0" in caplog.text
 
 
-def test_reload_notice_carries_the_api_token(fresh, monkeypatch):
+def test_reload_notice_sends_token(fresh, monkeypatch):
     from fastapi import FastAPI, Request
 
     from tests.conftest import ServerThread

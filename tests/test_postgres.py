@@ -41,7 +41,7 @@ def test_events_duplicates_and_pending_labels(store):
     assert [row[0] for row in store.labelled_events()] == ["e1", "e2"]
 
 
-def test_batch_over_several_statements_and_rows_without_optional_fields(store):
+def test_insert_spans_statements_and_optional_fields(store):
     store._max_parameters = 999  # SQLite before 3.32: 90 events a statement
     store.insert_events([event(f"b{index}") for index in range(0, 200, 2)])
     rows = [event(f"b{index}") for index in range(200)]
