@@ -502,11 +502,37 @@ class NotifyConfig(_Section):
         return value
 
 
+# The shortest retention accepted for events and windows, in seconds.
+MIN_RETENTION_S = 3600.0
+
+
 class DatabaseConfig(_Section):
     connect_attempts: int = Field(10, ge=1, le=10000, description="Attempts to reach the database at start-up; then the process exits with an error.")
     connect_backoff_initial_s: float = Field(1.0, gt=0.0, description="Seconds before the second attempt; each later wait doubles.")
     connect_backoff_max_s: float = Field(30.0, gt=0.0, description="Longest wait in seconds between two attempts.")
     buffer_events: int = Field(10000, ge=0, description="Events held in memory while the database is unreachable, written when it returns; when full, POST /v1/events answers 503.")
+    event_retention_s: float = Field(
+        7 * 86400.0, ge=0.0,
+        description="Seconds an unlabelled event is kept after it was received; the leader deletes older ones. "
+                    "A label that arrives later waits as a pending label and expires. 0 keeps them all; "
+                    "otherwise at least 3600.")
+    labelled_event_retention_s: float = Field(
+        90 * 86400.0, ge=0.0,
+        description="Seconds a labelled event is kept after it was received. Retrains and their canary read labelled "
+                    "events, so older ones no longer train or judge a candidate. 0 keeps them all; "
+                    "otherwise at least 3600.")
+    window_retention_s: float = Field(
+        90 * 86400.0, ge=0.0,
+        description="Seconds a window report is kept after its window ended (GET /v1/windows, the web page). 0 keeps "
+                    "them all; otherwise at least 3600.")
+
+    @field_validator("event_retention_s", "labelled_event_retention_s", "window_retention_s")
+    @classmethod
+    def _retention_floor(cls, value: float) -> float:
+        if 0 < value < MIN_RETENTION_S:
+            raise ValueError(f"is below {MIN_RETENTION_S:g} s; allowed: 0 (keep everything) or at least {MIN_RETENTION_S:g} s, "
+                             "so that open windows and delayed labels still find their events")
+        return value
 
     @field_validator("connect_backoff_max_s")
     @classmethod

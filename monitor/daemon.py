@@ -35,6 +35,7 @@ from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events,
 from monitor.metrics import CANARY_STATUSES, RUN_STATES, MonitorMetrics
 from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
+from monitor.retention import Retention
 from monitor.resources import (
     MemoryWatch,
     ResourceMetrics,
@@ -164,6 +165,7 @@ class MonitorDaemon:
         self.leadership = Leadership(self.store, self.metrics.registry)
         self.leading = False
         self.event_buffer = EventBuffer(config.database.buffer_events, self.metrics.registry)
+        self.retention = Retention(config.database, self.store, self.metrics.retention_deleted)
         # Windows of every replica that the leader has made its decisions on: id -> evaluation time.
         self.decided_windows: dict[str, float] = {}
         self.ready = False
@@ -549,6 +551,7 @@ class MonitorDaemon:
             if leader:
                 self._decide_windows()
                 self.notifier.check_pending()
+                self.retention.run_if_due()
             # Runs started by `driftloop retrain` in a terminal show up here too.
             latest = self.store.runs(limit=1)
             if latest and not self.job_running() and latest[0]["state"] in RUN_STATES:

@@ -80,6 +80,10 @@ class MonitorMetrics:
             "Unix time of the last request that accepted at least one label; 0 until the first one.", registry=r)
         self.labels_pending = Gauge("driftloop_labels_pending", "Labels that arrived before their events and wait for them.", registry=r)
         self.labels_expired = Counter("driftloop_labels_expired_total", "Pending labels dropped because their event never arrived.", registry=r)
+        self.retention_deleted = Counter(
+            "driftloop_retention_deleted_total",
+            "Stored records deleted because they were older than their database.*_retention_s setting, by record "
+            "kind (unlabelled_event, labelled_event, window).", ["record"], registry=r)
 
         # Windows
         self.window_size = Gauge("driftloop_window_size_events", "Events per window (monitor.window_size).", registry=r)

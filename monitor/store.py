@@ -56,8 +56,6 @@ class Base(DeclarativeBase):
 
 
 class EventRow(Base):
-    # NOTE: events are kept indefinitely; there is no retention job yet, so the
-    # table grows with traffic.
     __tablename__ = "events"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -393,6 +391,26 @@ class Store:
         with self.session() as session:
             result = session.execute(delete(PendingLabelRow).where(PendingLabelRow.received_at < older_than))
             return int(result.rowcount or 0)
+
+    def delete_old_events(self, received_before: float, *, labelled: bool, limit: int) -> int:
+        """Delete at most ``limit`` of the labelled or the unlabelled events received before ``received_before``.
+
+        Returns how many were deleted. A caller deletes in batches, so that no transaction
+        holds the write lock for long.
+        """
+        events = EventRow.__table__
+        labels = events.c.true_label.is_not(None) if labelled else events.c.true_label.is_(None)
+        return self._delete_batch(events, events.c.received_at < received_before, labels, limit=limit)
+
+    def delete_old_windows(self, ended_before: float, *, limit: int) -> int:
+        """Delete at most ``limit`` window reports of windows that ended before ``ended_before``; return how many."""
+        windows = WindowRow.__table__
+        return self._delete_batch(windows, windows.c.ended_at < ended_before, limit=limit)
+
+    def _delete_batch(self, table, *conditions, limit: int) -> int:
+        batch = select(table.c.id).where(*conditions).limit(limit)
+        with self.engine.begin() as connection:
+            return int(connection.execute(delete(table).where(table.c.id.in_(batch))).rowcount or 0)
 
     def set_labels(self, labels: dict[str, str]) -> int:
         now = time.time()

@@ -53,13 +53,15 @@ def test_defaults_without_file():
         ({"server": {"preload_candidates": -1}}, "server.preload_candidates", "-1"),
         ({"server": {"keep_previous_versions": 20}}, "server.keep_previous_versions", "20"),
         ({"resources": {"evaluation_max_share": 1.5}}, "resources.evaluation_max_share", "1.5"),
+        ({"database": {"event_retention_s": 60}}, "database.event_retention_s", "60"),
+        ({"database": {"window_retention_s": -1}}, "database.window_retention_s", "-1"),
     ],
     ids=["window-too-small", "approval-unknown", "alpha-above-one", "unknown-signal", "negative-lr", "typo-key",
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
          "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "repeated-signal", "budget-above-windows",
          "folds-above-min-samples", "sweep-rank-zero", "sweep-no-ranks", "sweep-repeated-rank", "unknown-precision",
          "no-target-modules", "zero-wall-time", "validation-too-large", "negative-preload",
-         "too-many-kept-versions", "evaluation-share-above-one"],
+         "too-many-kept-versions", "evaluation-share-above-one", "retention-below-an-hour", "negative-retention"],
 )
 def test_invalid_value_names_key_and_value(raw, key, value):
     with pytest.raises(ConfigError) as caught:

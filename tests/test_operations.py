@@ -229,6 +229,44 @@ def test_labels_since_window_start_include_the_first_batch(daemon):
     assert daemon.store.count_labelled(since=window.sampler.started_at) == 40
 
 
+def store_old_events(daemon: MonitorDaemon, days: float) -> list[str]:
+    """Store two events received ``days`` ago, as a replica would have, and return their ids."""
+    received = time.time() - days * 86400
+    rows = [{"id": f"aged-{index}", "timestamp": received, "received_at": received, "text": "old balance question",
+             "predicted_label": "balance", "confidence": 0.9, "latency_ms": 3.0, "version": daemon.active_name,
+             "window_id": "w-aged"} for index in range(2)]
+    daemon.store.insert_events(rows)
+    return [row["id"] for row in rows]
+
+
+def retention_deleted(daemon: MonitorDaemon) -> float:
+    return daemon.metrics.registry.get_sample_value("driftloop_retention_deleted_total",
+                                                    {"record": "unlabelled_event"})
+
+
+def test_leader_check_deletes_expired_events(daemon):
+    daemon.start(background=False)
+    aged = store_old_events(daemon, days=8)
+    daemon.ingest_events(events(5, 6000))
+
+    daemon.tick()
+
+    assert daemon.store.known_event_ids(aged) == set()
+    assert len(daemon.store.known_event_ids([f"op-{i}" for i in range(6000, 6005)])) == 5
+    assert retention_deleted(daemon) == 2
+
+
+def test_follower_keeps_expired_events(daemon, monkeypatch):
+    daemon.start(background=False)
+    monkeypatch.setattr(daemon.leadership, "refresh", lambda: False)
+    aged = store_old_events(daemon, days=8)
+
+    daemon.tick()
+
+    assert daemon.store.known_event_ids(aged) == set(aged)
+    assert retention_deleted(daemon) == 0
+
+
 def test_restart_leaves_windows_of_another_version(fresh, caplog):
     store = Store(fresh["database_url"])
     store.audit("daemon", "windows_not_evaluated", version="v0",

@@ -97,6 +97,24 @@ def test_windows_and_watch(store):
     assert store.watch("v2")["status"] == "watching"
 
 
+def test_old_events_and_windows_deleted(store):
+    store.insert_events([event(f"old{index}", received_at=100.0 + index) for index in range(7)]
+                        + [event("new", received_at=500.0)])
+    store.set_labels({"old0": "transfer", "old1": "balance"})
+    for window_id, ended in (("w-old", 100.0), ("w-new", 500.0)):
+        store.insert_window({"window_id": window_id, "started_at": ended - 5, "ended_at": ended, "n_events": 4,
+                             "status": "ok", "drifted": False}, version="v1")
+
+    assert store.delete_old_events(400.0, labelled=False, limit=3) == 3
+    assert store.delete_old_events(400.0, labelled=False, limit=3) == 2
+    assert store.delete_old_events(400.0, labelled=False, limit=3) == 0
+    assert store.known_event_ids([f"old{index}" for index in range(7)] + ["new"]) == {"old0", "old1", "new"}
+    assert store.delete_old_events(400.0, labelled=True, limit=10) == 2
+    assert store.known_event_ids(["old0", "old1", "new"]) == {"new"}
+    assert store.delete_old_windows(400.0, limit=10) == 1
+    assert [window["window_id"] for window in store.windows()] == ["w-new"]
+
+
 def test_transition_run_has_one_winner(store):
     """Concurrent compare-and-set transitions of one run: exactly one succeeds."""
     store.create_run("r1", "pending_approval", "v1", {"reason": "test"})
