@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from monitor.config import Config, resolve_model_path
 from monitor.errors import DriftloopError, NotFoundError, TrainingError
 from monitor.store import Store
@@ -58,6 +60,9 @@ CANCEL_POLL_S = 1.0
 # its owner lives. A run silent for OWNER_SILENT_AFTER_S counts as dead there.
 HEARTBEAT_S = 30.0
 OWNER_SILENT_AFTER_S = 600.0
+# psutil derives start times from clock ticks since boot, so two reads of one process agree to
+# well within this many seconds.
+START_TIME_TOLERANCE_S = 1.0
 
 
 def training_threads() -> int:
@@ -439,32 +444,45 @@ def cancel_run(store: Store, run_id: str, *, actor: str, comment: str = "", stat
                    action="cancel_requested", comment=comment, verb="cancelled")
 
 
-def run_owner(process: str) -> dict:
-    """Describe the process that works on a run, for the run's trigger record."""
-    return {"process": process, "pid": os.getpid(), "host": socket.gethostname()}
+def process_started_at(pid: int) -> float | None:
+    """Return when process ``pid`` of this host started, in Unix seconds, or None when it does not exist."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def run_owner(process: str, pid: int | None = None) -> dict:
+    """Describe the process that works on a run (this one by default), for the run's trigger record."""
+    pid = os.getpid() if pid is None else pid
+    return {"process": process, "pid": pid, "host": socket.gethostname(), "started_at": process_started_at(pid)}
 
 
 def _owner_alive(owner: dict | None, updated_at: float | None = None) -> bool:
     """True when ``owner`` is a live process on this host, or one on another host that touched the run lately.
 
-    A process on this host is checked by its pid. A process on another host, such as a
-    `driftloop retrain` in a terminal beside a replica that is not the leader, cannot be checked.
-    It counts as alive while the run's ``updated_at`` is less than OWNER_SILENT_AFTER_S old,
-    because a working run touches it every HEARTBEAT_S.
-
-    NOTE: a reused process id makes a dead owner look alive until that process ends.
+    A process on this host is checked by its pid and start time: a process that has the
+    owner's pid but started at another time reuses the id of an owner that has ended, as a
+    restarted container usually does. Records written before start times were kept are
+    checked by pid alone. A process on another host, such as a `driftloop retrain` in a
+    terminal beside a replica that is not the leader, cannot be checked. It counts as alive
+    while the run's ``updated_at`` is less than OWNER_SILENT_AFTER_S old, because a working
+    run touches it every HEARTBEAT_S.
     """
     if not owner or not isinstance(owner.get("pid"), int):
         return False
     if owner.get("host") != socket.gethostname():
         return updated_at is not None and time.time() - updated_at < OWNER_SILENT_AFTER_S
     try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
+        started_at = psutil.Process(owner["pid"]).create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
+    recorded = owner.get("started_at")
+    if not isinstance(recorded, (int, float)):
+        return True
+    return abs(started_at - recorded) < START_TIME_TOLERANCE_S
 
 
 def recover_interrupted_runs(store: Store, state_dir: Path) -> list[dict]:

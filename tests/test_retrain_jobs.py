@@ -369,7 +369,7 @@ def test_recovery_spares_live_owner(deployment):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     daemon = MonitorDaemon(config)
     try:
-        owner = {**run_owner("driftloop retrain"), "pid": sleeper.pid}
+        owner = run_owner("driftloop retrain", pid=sleeper.pid)
         daemon.store.create_run("r-terminal", "training", "v1", {"owner": owner})
         daemon.start(background=False)
         assert daemon.store.get_run("r-terminal")["state"] == "training"
@@ -407,6 +407,26 @@ def _set_updated_at(store, run_id: str, stamp: float) -> None:
 
     with store.session() as session:
         session.execute(update(RunRow).where(RunRow.id == run_id).values(updated_at=stamp))
+
+
+def test_recovery_fails_run_of_reused_pid(tmp_path):
+    """A restarted container may give the new sidecar the pid of the one that died in a run."""
+    from monitor.store import Store
+    from retrain.jobs import recover_interrupted_runs, run_owner
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    alive = run_owner("daemon")
+    store.create_run("r-alive", "training", "v1", {"owner": alive})
+    store.create_run("r-reused", "training", "v1", {"owner": {**alive, "started_at": alive["started_at"] - 3600}})
+    store.create_run("r-old-record", "training", "v1", {"owner": {key: alive[key] for key in ("process", "pid", "host")}})
+
+    changed = recover_interrupted_runs(store, tmp_path)
+
+    assert [run["id"] for run in changed] == ["r-reused"]
+    assert store.get_run("r-reused")["state"] == "failed"
+    assert store.get_run("r-alive")["state"] == "training"
+    assert store.get_run("r-old-record")["state"] == "training"
+    store.close()
 
 
 def test_recovery_spares_owner_on_another_host(tmp_path):
