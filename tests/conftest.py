@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny randomly initialised BERT that trains in milliseconds."""
 
+import importlib.util
 import os
+import sys
 import threading
 import time
 
@@ -12,6 +14,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_bench_script(name: str):
+    """Import ``bench/<name>.py`` as the module ``bench_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the module executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 DATA_ROOT = Path(os.environ.get("DRIFTLOOP_DATA", REPO_ROOT.parent / "shared" / "data"))
 # The code under test reads DRIFTLOOP_DATA itself; point it at the same folder
 # so no test ever tries to download CLINC150.

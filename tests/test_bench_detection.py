@@ -1,23 +1,15 @@
 """Smoke test of the detection benchmark in quick mode on a small slice of CLINC150."""
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "detection.py"
+from tests.conftest import load_bench_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_detection", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the module executes.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("detection")
 
 
 def table_rows(document: str) -> tuple[list[str], dict[str, list[str]]]:
