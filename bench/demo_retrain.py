@@ -85,8 +85,9 @@ def retrain_once(replay: int, seed: int, labelled: int, cache_dir: Path) -> dict
     from retrain.bootstrap import bootstrap
 
     with tempfile.TemporaryDirectory(prefix="driftloop-demo-retrain-") as folder:
+        # The monitor's own trigger stays off, so the only retrain is the one started below.
         overrides = {"state_dir": str(Path(folder) / "state"), "cache_dir": str(cache_dir),
-                     "retrain": {"replay_per_label": replay}}
+                     "retrain": {"replay_per_label": replay}, "trigger": {"min_labels": 10_000_000}}
         config, _, _ = prepare_config(DEMO_CONFIG, False, overrides)
         bootstrap(config, log=logger.info)
         daemon = MonitorDaemon(config)
@@ -153,9 +154,12 @@ def render(args, results: list[dict], elapsed_s: float, load: str, margin: float
         production = (f"{row['production_before']:.3f} -> {row['production_after']:.3f}"
                       if row["production_before"] is not None else "n/a")
         training_s = "n/a" if row["training_s"] is None else f"{row['training_s']:.0f} s"
+        decision = row["decision"]
+        if row["deciding_gate"]:
+            decision += f" ({row['deciding_gate']})"
         lines.append(f"| {row['replay']} | {row['seed']} | {row['train']} | {row['steps']} | {training_s} "
                      f"| {_points(row['test_diff'])} | [{_points(low)}, {_points(high)}] | {verdict} "
-                     f"| {production} | {row['decision']} ({row['deciding_gate']}) |")
+                     f"| {production} | {decision} |")
     lines += [
         "",
         "The test accuracy change is the candidate's accuracy on the known domains' test split minus the "
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
     from monitor.demo import prepare_config
 

@@ -26,7 +26,7 @@ def test_bad_argument_names_option(bench, capsys, argv, message):
 def row(replay, passed, evaluated, low):
     return {
         "replay": replay, "seed": 0, "state": "active", "sources": {"known": 1400, "new": 1500, "oos": 250},
-        "decision": "passed" if passed else "inconclusive", "deciding_gate": "test_noninferiority",
+        "decision": "passed" if passed else "inconclusive", "deciding_gate": None if passed else "test_noninferiority",
         "test_diff": -0.004, "test_ci": [low, 0.002], "test_regressed": [],
         "noninferiority": {"passed": passed, "evaluated": evaluated},
         "production_before": 0.47, "production_after": 0.89,
@@ -41,7 +41,7 @@ def test_table_names_each_verdict(bench):
     table = [line for line in section.splitlines() if line.startswith("| 15 ") or line.startswith("| 30 ")]
     assert len(table) == 3
     assert "| -0.4 | [-2.2, +0.2] | not decided | 0.470 -> 0.890 | inconclusive (test_noninferiority) |" in table[0]
-    assert "| passed |" in table[1]
+    assert table[1].endswith("| passed | 0.470 -> 0.890 | passed |")
     assert "| failed |" in table[2]
     assert "1400 known-domain, 1500 unseen-domain and 250 out-of-scope events, 1700 of them labelled" in section
     assert "allows 2 points" in section
