@@ -439,6 +439,8 @@ class MonitorDaemon:
             return self.store.insert_events(rows, place=place)
         except DBAPIError as exc:
             if not is_connection_error(exc):
+                # NOTE: when ``place`` already ran, the batch stays in the window but not in the
+                # database, and a client that resends it is counted in the window twice.
                 raise
             self._count_store_error("ingest_events", exc)
         if not placed:
