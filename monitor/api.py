@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client is asked to wait before it posts again to a sidecar that is still starting.
 STARTUP_RETRY_AFTER_S = 5
+# Fields of the approve, reject and cancel bodies; rollback also takes "to".
+DECISION_FIELDS = ("by", "comment")
 
 
 def parse_json(raw: bytes):
@@ -198,12 +200,22 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         return {"active": active.name if active else None,
                 "versions": [version.to_dict() for version in daemon.registry.versions()]}
 
-    async def _decision_body(request: Request) -> dict:
+    async def _decision_body(request: Request, fields: tuple[str, ...] = DECISION_FIELDS) -> dict:
+        """Return the JSON object of a decision request; an unknown field or a non-string value is a BatchError.
+
+        A misspelt field must not fall back to a default: ``{"version": "v2"}`` for ``to`` would roll back
+        to the previous version instead.
+        """
         if not await request.body():
             return {}
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise BatchError("body", type(body).__name__, "expected a JSON object such as {\"by\": \"name\", \"comment\": \"...\"}")
+        for key, value in body.items():
+            if key not in fields:
+                raise BatchError(key, value, f"unknown field; this endpoint accepts {', '.join(fields)}")
+            if value is not None and not isinstance(value, str):
+                raise BatchError(key, value, f"expected a string, got {type(value).__name__}")
         return body
 
     def decision_error(exc: DriftloopError) -> JSONResponse:
@@ -256,7 +268,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         denied = authorize(request)
         if denied:
             return denied
-        body = await _decision_body(request)
+        body = await _decision_body(request, (*DECISION_FIELDS, "to"))
         try:
             previous, target = await run_in_threadpool(daemon.rollback, body.get("to"), str(body.get("by") or "api"),
                                                        str(body.get("comment", "")))

@@ -356,6 +356,21 @@ def test_decision_with_invalid_json(client, path):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("path, body, field, message", [
+    ("/v1/rollback", {"version": "v1"}, "version", "unknown field; this endpoint accepts by, comment, to"),
+    ("/v1/rollback", {"to": 1}, "to", "expected a string, got int"),
+    ("/v1/retrains/nope/approve", {"by": "ml-owner", "coment": "ok"}, "coment", "accepts by, comment"),
+    ("/v1/retrains/nope/reject", {"comment": ["too", "many"]}, "comment", "expected a string, got list"),
+])
+def test_decision_body_checked(client, daemon, path, body, field, message):
+    active = daemon.active_name
+    response = client.post(path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    assert message in response.json()["error"]
+    assert daemon.active_name == active
+
+
 def test_rollback_to_unknown_version(client):
     response = client.post("/v1/rollback", json={"to": "v99"}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 404
