@@ -188,6 +188,8 @@ class MonitorDaemon:
         self.job_thread: threading.Thread | None = None
         self.cancel_requested = threading.Event()
         self.labels_alert_streak: int | None = None
+        # Signals of the last drifted window, recorded with a retrain that a later check starts.
+        self.last_drifted_signals: list[str] = []
         # Audit id of the last rollback counted in the metrics; older ones happened before this process.
         self.rollbacks_seen = self.store.last_audit_id()
         self.scheduler = BackgroundScheduler(daemon=True)
@@ -552,6 +554,7 @@ class MonitorDaemon:
                     raise
             if leader:
                 self._decide_windows()
+                self._recheck_trigger()
                 self.notifier.check_pending()
                 self.retention.run_if_due()
             # Runs started by `driftloop retrain` in a terminal show up here too.
@@ -751,6 +754,23 @@ class MonitorDaemon:
             count_labelled=lambda since: self.store.count_labelled(since=since),
             job_active=self.job_running(),
         )
+        if report.drifted:
+            self.last_drifted_signals = list(report.drifted_signals)
+        self._act_on(decision)
+
+    def _recheck_trigger(self) -> None:
+        """Start the retrain that an earlier window armed once its labels are in or its cooldown is over."""
+        if not self.policy.armed or self.job_running() or self.draining or self.memory.over_limit():
+            # A refused start is recorded when a window arrives, not at every check.
+            return
+        decision = self.policy.recheck(count_labelled=lambda since: self.store.count_labelled(since=since),
+                                       job_active=False)
+        if decision.action == "needs_labels":
+            self.metrics.labels_needed.set(decision.labels_needed)
+        elif decision.action == "trigger":
+            self._act_on(decision)
+
+    def _act_on(self, decision) -> None:
         self.metrics.consecutive_drift.set(decision.streak)
         if decision.action == "needs_labels":
             self.metrics.labels_needed.set(decision.labels_needed)
@@ -766,7 +786,7 @@ class MonitorDaemon:
             self.metrics.labels_needed.set(0)
             self.labels_alert_streak = None
             self.start_retrain({"windows": list(self.policy.streak_windows), "reason": decision.reason,
-                                "signals": report.drifted_signals, "labelled": decision.labelled,
+                                "signals": self.last_drifted_signals, "labelled": decision.labelled,
                                 "drift_started_at": self.policy.streak_started_at})
             self.policy.reset()
         elif decision.streak == 0:

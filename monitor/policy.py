@@ -3,7 +3,9 @@
 A retrain is triggered after ``consecutive_windows`` drifted windows in a row,
 once enough labelled production events from the drifted period exist (events
 received since the first window of the streak started), outside the cooldown
-that follows the previous run. Windows with insufficient data neither extend
+that follows the previous run. Once the streak is long enough, ``recheck`` decides
+again between windows, so labels that arrive later start the retrain without
+waiting for the next window. Windows with insufficient data neither extend
 nor break a streak. With ``clear_windows`` above 1 the streak survives up to
 ``clear_windows - 1`` clean windows in a row (hysteresis), so a drift that
 flickers between windows still counts as one episode.
@@ -66,6 +68,21 @@ class TriggerPolicy:
             self.streak_started_at = started_at
         if self.streak < self.consecutive_windows:
             return TriggerDecision("none", self.streak)
+        return self._decide(count_labelled, job_active, now)
+
+    @property
+    def armed(self) -> bool:
+        """True when the streak is long enough and only labels, the cooldown or a running job hold a retrain back."""
+        return self.streak >= self.consecutive_windows
+
+    def recheck(self, *, count_labelled: Callable[[float], int], job_active: bool,
+                now: float | None = None) -> TriggerDecision:
+        """Decide again without a new window, for labels that arrived or a cooldown that ended since the last one."""
+        if not self.armed:
+            return TriggerDecision("none", self.streak)
+        return self._decide(count_labelled, job_active, now)
+
+    def _decide(self, count_labelled: Callable[[float], int], job_active: bool, now: float | None) -> TriggerDecision:
         labelled = count_labelled(self.streak_started_at)
         if job_active:
             return TriggerDecision("busy", self.streak, labelled, reason="a retraining run is already in progress")

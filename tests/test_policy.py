@@ -74,3 +74,23 @@ def test_hysteresis_ends_streak_after_clear_windows():
     assert observe(policy, False).streak == 0
     assert observe(policy, True).action == "none"
     assert policy.streak == 1
+
+
+def test_recheck_triggers_when_labels_arrive():
+    policy = TriggerPolicy(2, 300, 0)
+    observe(policy, True, labelled=10)
+    assert policy.recheck(count_labelled=lambda since: 500, job_active=False, now=1000.0).action == "none"
+
+    assert observe(policy, True, labelled=10).action == "needs_labels"
+    waiting = policy.recheck(count_labelled=lambda since: 250, job_active=False, now=1001.0)
+    assert waiting.action == "needs_labels"
+    assert waiting.labels_needed == 50
+    assert policy.recheck(count_labelled=lambda since: 300, job_active=False, now=1002.0).action == "trigger"
+
+
+def test_recheck_waits_out_cooldown():
+    policy = TriggerPolicy(1, 10, cooldown_s=60)
+    policy.run_ended(at=1000.0)
+    assert observe(policy, True, now=1010.0).action == "cooldown"
+    assert policy.recheck(count_labelled=lambda since: 500, job_active=False, now=1050.0).action == "cooldown"
+    assert policy.recheck(count_labelled=lambda since: 500, job_active=False, now=1061.0).action == "trigger"

@@ -392,6 +392,38 @@ def test_recovery_spares_live_owner(deployment):
         daemon.stop()
 
 
+def test_labels_after_drift_start_retrain(deployment):
+    """A streak waiting for labels starts its retrain at the next check once they arrive, with no new window."""
+    from types import SimpleNamespace
+
+    raw, _ = deployment
+    config = parse_config(merge(raw, {"trigger": {"consecutive_windows": 2, "min_labels": 30, "cooldown_s": 0},
+                                      **LONG_RUN}))
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        daemon._refresh_leadership()  # the first scheduled check would; check_interval_s is an hour here
+        report = SimpleNamespace(started_at=time.time() - 60, status="ok", drifted=True, drifted_signals=["embedding"])
+        daemon._apply_policy("w-1", report)
+        daemon._apply_policy("w-2", report)
+        daemon._recheck_trigger()
+        assert daemon.store.runs() == []
+        assert "labels_needed" in [entry["action"] for entry in daemon.store.audit_log()]
+        assert daemon.metrics.registry.get_sample_value("driftloop_retrain_labels_needed") == 30
+
+        post_labelled_events(daemon, 30)
+        daemon._recheck_trigger()
+
+        [run] = daemon.store.runs()
+        assert run["trigger"]["windows"] == ["w-1", "w-2"]
+        assert run["trigger"]["signals"] == ["embedding"]
+        assert run["trigger"]["labelled"] == 30
+        daemon.cancel_retrain(run["id"], actor="test")
+        daemon.job_thread.join(timeout=60)
+    finally:
+        daemon.stop()
+
+
 def test_retrain_without_labels_rejected(deployment, capsys):
     raw, path = deployment
     assert main(["retrain", "--config", str(path), "--no-progress"]) == 2
