@@ -7,6 +7,7 @@ allowed, instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -677,6 +678,9 @@ REPLACED_KEYS = {
 
 
 ENV_PREFIX = "DRIFTLOOP_"
+# difflib similarity above which a DRIFTLOOP_ variable counts as a misspelt top-level key. At 0.8,
+# DRIFTLOOP_STATEDIR and DRIFTLOOP_DATABASEURL match, and DRIFTLOOP_DATA and DRIFTLOOP_API_TOKEN do not.
+TYPO_SIMILARITY = 0.8
 # Keys whose value may carry a password, so an error never repeats a value taken from the environment.
 SECRET_KEYS = ("database_url",)
 
@@ -713,10 +717,13 @@ def environment_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str |
 
     An empty variable is ignored and ``null`` means null. Other DRIFTLOOP_ variables without
     a double underscore (DRIFTLOOP_DATA, DRIFTLOOP_API_TOKEN) belong to other parts and are left
-    alone. One with a double underscore can only be meant for a nested key, so an unknown one raises
-    ConfigError naming the variable.
+    alone, unless the name is close to a top-level key (DRIFTLOOP_STATEDIR for
+    DRIFTLOOP_STATE_DIR): that one raises ConfigError, because ignoring it would leave, say, a
+    replica on the file's database. One with a double underscore can only be meant for a nested
+    key, so an unknown one raises ConfigError naming the variable.
     """
     scalars = {env_variable(key): key for key, field in config_fields() if is_scalar(field)}
+    top_level = [name for name in scalars if "__" not in name]
     overrides = {}
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or environ[name] == "":
@@ -727,6 +734,10 @@ def environment_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str |
                 raise ConfigError(
                     f"environment variable {name} names no config key that takes one value; nested keys are set as "
                     "DRIFTLOOP_<SECTION>__<KEY>, such as DRIFTLOOP_SERVER__MONITOR_URL, and lists only in the file")
+            close = difflib.get_close_matches(name, top_level, n=1, cutoff=TYPO_SIMILARITY)
+            if close:
+                raise ConfigError(f"environment variable {name} names no config key; did you mean {close[0]}? "
+                                  "Rename or unset it")
             continue
         raw = environ[name]
         overrides[key] = (name, None if raw.strip().lower() == "null" else raw)

@@ -43,7 +43,9 @@ environments. The rules:
 - A variable with `__` that names no such key is an error that names the variable, so a typo
   in a nested key does not pass silently. A top-level name that is no key, such as
   `DRIFTLOOP_DATA` (the CLINC150 folder) or `DRIFTLOOP_API_TOKEN` (the API token, see
-  `auth.token_env`), is left to the part that reads it.
+  `auth.token_env`), is left to the part that reads it, unless it is close to a top-level
+  key: `DRIFTLOOP_STATEDIR` or `DRIFTLOOP_DATABASEURL` is an error that suggests
+  `DRIFTLOOP_STATE_DIR` or `DRIFTLOOP_DATABASE_URL`.
 - An invalid value is reported with the key and the variable, such as
   `server.port (from DRIFTLOOP_SERVER__PORT): invalid value 'abc'`. The value of
   `database_url` is never repeated, because it may contain a password.

@@ -567,6 +567,19 @@ def test_env_error_names_variable(tmp_path):
         load_config(None, environ={"DRIFTLOOP_DETECTORS__ENABLED": "token_length"})
     assert "DRIFTLOOP_DETECTORS__ENABLED" in str(listed.value)
 
+    with pytest.raises(ConfigError) as top_level_typo:
+        load_config(None, environ={"DRIFTLOOP_DATABASEURL": "postgresql+psycopg://db/driftloop"})
+    assert "DRIFTLOOP_DATABASEURL names no config key; did you mean DRIFTLOOP_DATABASE_URL?" in str(top_level_typo.value)
+    assert "postgresql" not in str(top_level_typo.value)
+
+
+def test_env_other_variables_left_alone(tmp_path):
+    from monitor.config import load_config
+
+    environ = {"DRIFTLOOP_DATA": str(tmp_path), "DRIFTLOOP_API_TOKEN": "secret", "DRIFTLOOP_SLACK_TOKEN": "secret",
+               "DRIFTLOOP_REQUIRE_POSTGRES": "1", "DRIFTLOOP_TEST_POSTGRES_URL": "postgresql+psycopg://db/test"}
+    assert load_config(None, environ=environ).state_dir == load_config(None, environ={}).state_dir
+
 
 def test_env_error_hides_database_url():
     from monitor import config as config_module
