@@ -70,8 +70,10 @@ def _listen(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
-def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+def _terminate(_signum, _frame) -> None:
+    # SIGTERM is the usual request to stop, and uvicorn re-raises it only after a graceful
+    # shutdown, so the process exits with status 0 as supervisors expect of a clean stop.
+    raise SystemExit(0)
 
 
 def _serve(server, sock: socket.socket, name: str) -> None:
@@ -335,7 +337,10 @@ def cmd_rollback(args) -> int:
 
 def cmd_runs(args) -> int:
     store, _ = _open_registry(_config(args))
-    for run in store.runs(limit=args.limit):
+    runs = store.runs(limit=args.limit)
+    if not runs:
+        print("no retrain runs yet")
+    for run in runs:
         canary = run["canary"] or {}
         print(f"{run['id']}  {run['state']:<17} job={run['job']:<9} base={run['base_version']} promoted={run['promoted_version'] or '-'} "
               f"canary={canary.get('status', '-')}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run['created_at']))}")
@@ -460,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="version name (default: step back to the version active before the "
                                        "current one; repeated rollbacks keep stepping back)")
     rollback.add_argument("--comment", default="")
-    rollback.add_argument("--by", default=os.environ.get("USER", "cli"))
+    rollback.add_argument("--by", default=os.environ.get("USER", "cli"), help="who rolls back (default: $USER)")
     rollback.set_defaults(func=cmd_rollback)
 
     for name, func, text in (("runs", cmd_runs, "list retrain runs, newest first"),

@@ -126,7 +126,8 @@ class ShutdownDrain:
         """Wait for the retrain worker to stop; return the state of the run it worked on, if any."""
         daemon = self.daemon
         thread = daemon.job_thread
-        if thread is None:
+        if thread is None or not thread.is_alive():
+            # No retrain was running when the drain began; an earlier run's state is not this drain's.
             return None
         thread.join(timeout=max(self._drain_left_s(), 0.0))
         runs = daemon.store.runs(limit=1)

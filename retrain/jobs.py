@@ -403,7 +403,8 @@ def _decide(store: Store, run_id: str, from_states: tuple[str, ...], state: str,
         raise NotFoundError(f"retrain run {run_id!r} not found")
     if not store.transition_run(run_id, from_states, state, actor=actor, action=action, detail={"comment": comment}):
         current = (store.get_run(run_id) or {}).get("state")
-        allowed = " or ".join(from_states)
+        *first, last = from_states
+        allowed = f"{', '.join(first)} or {last}" if first else last
         raise DriftloopError(f"retrain run {run_id} is {current}, only {allowed} runs can be {verb}")
     return store.get_run(run_id)
 

@@ -65,7 +65,8 @@ class TrainingWatch:
         overfitting = False
         if train_loss is not None and self.previous is not None:
             previous_train, previous_val = self.previous
-            overfitting = train_loss < previous_train and val_loss > previous_val
+            # The evaluation before the first step has no training loss (inf), so it cannot show a fall.
+            overfitting = math.isfinite(previous_train) and train_loss < previous_train and val_loss > previous_val
             if overfitting and "overfitting" not in self.findings:
                 self.findings["overfitting"] = {
                     "step": step,

@@ -101,5 +101,5 @@ def test_sigterm_stops_server_cleanly(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 0
     assert "model server stopped" in output

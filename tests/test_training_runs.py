@@ -145,6 +145,14 @@ def test_overfitting_is_reported_once(caplog):
     assert "flat_validation_loss" not in findings
 
 
+def test_no_overfitting_without_training_loss(caplog):
+    watch = TrainingWatch(n_labels=3, learning_rate=0.01, target_modules=["query"])
+    watch.on_evaluation(0, None, 0.80, after_warmup=False)
+    assert not watch.on_evaluation(10, 0.9, 0.85, after_warmup=True)
+    assert "overfitting" not in watch.finish()
+    assert not any("overfitting" in record.getMessage() for record in caplog.records)
+
+
 def test_flat_validation_loss_names_targets_and_learning_rate(tiny_model_dir):
     # A learning rate this low moves nothing in 24 steps.
     settings = FAST.replace(learning_rate=1e-9, epochs=3)
