@@ -516,16 +516,16 @@ class DatabaseConfig(_Section):
         7 * 86400.0, ge=0.0,
         description="Seconds an unlabelled event is kept after it was received; the leader deletes older ones. "
                     "A label that arrives later waits as a pending label and expires. 0 keeps them all; "
-                    "otherwise at least 3600.")
+                    f"otherwise at least {MIN_RETENTION_S:g}.")
     labelled_event_retention_s: float = Field(
         90 * 86400.0, ge=0.0,
         description="Seconds a labelled event is kept after it was received. Retrains and their canary read labelled "
                     "events, so older ones no longer train or judge a candidate. 0 keeps them all; "
-                    "otherwise at least 3600.")
+                    f"otherwise at least {MIN_RETENTION_S:g}.")
     window_retention_s: float = Field(
         90 * 86400.0, ge=0.0,
         description="Seconds a window report is kept after its window ended (GET /v1/windows, the web page). 0 keeps "
-                    "them all; otherwise at least 3600.")
+                    f"them all; otherwise at least {MIN_RETENTION_S:g}.")
 
     @field_validator("event_retention_s", "labelled_event_retention_s", "window_retention_s")
     @classmethod

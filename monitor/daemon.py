@@ -763,12 +763,8 @@ class MonitorDaemon:
         if not self.policy.armed or self.job_running() or self.draining or self.memory.over_limit():
             # A refused start is recorded when a window arrives, not at every check.
             return
-        decision = self.policy.recheck(count_labelled=lambda since: self.store.count_labelled(since=since),
-                                       job_active=False)
-        if decision.action == "needs_labels":
-            self.metrics.labels_needed.set(decision.labels_needed)
-        elif decision.action == "trigger":
-            self._act_on(decision)
+        self._act_on(self.policy.recheck(count_labelled=lambda since: self.store.count_labelled(since=since),
+                                         job_active=False))
 
     def _act_on(self, decision) -> None:
         self.metrics.consecutive_drift.set(decision.streak)

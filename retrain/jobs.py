@@ -475,11 +475,11 @@ def _owner_alive(owner: dict | None, updated_at: float | None = None) -> bool:
     if owner.get("host") != socket.gethostname():
         return updated_at is not None and time.time() - updated_at < OWNER_SILENT_AFTER_S
     try:
-        started_at = psutil.Process(owner["pid"]).create_time()
-    except psutil.NoSuchProcess:
-        return False
+        started_at = process_started_at(owner["pid"])
     except psutil.AccessDenied:
         return True
+    if started_at is None:
+        return False
     recorded = owner.get("started_at")
     if not isinstance(recorded, (int, float)):
         return True
