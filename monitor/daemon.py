@@ -171,7 +171,8 @@ class MonitorDaemon:
         self.ready = False
         self.startup_error: str | None = None
         self.lock = threading.RLock()
-        self.promotion_lock = threading.Lock()
+        # Reentrant, because a promotion pass keeps it across its list of approved runs and each promotion.
+        self.promotion_lock = threading.RLock()
 
         self.labels: list[str] = []
         self.active_name: str | None = None
@@ -917,8 +918,14 @@ class MonitorDaemon:
             return
 
     def _promote_approved(self) -> None:
-        for run in self.store.runs(states=["approved"]):
-            self.promote(run["id"], actor="approval")
+        """Promote every approved run, after waiting for a promotion running in another thread.
+
+        The lock covers the listing too. So a check that follows an approval returns with the new
+        version active, whichever thread promoted it, and no two threads promote the same run.
+        """
+        with self.promotion_lock:
+            for run in self.store.runs(states=["approved"]):
+                self.promote(run["id"], actor="approval")
 
     def promote_approved_runs(self) -> None:
         """Promote the runs approved since the last poll, on the leader only; a scheduled job of its own."""

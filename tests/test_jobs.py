@@ -26,14 +26,20 @@ def config(request, tmp_path_factory, tiny_model_dir, clinc_dir):
         drop_database(server_url, raw["database_url"])
 
 
+def retrained(daemon, count: int, offset: int) -> str:
+    """Post ``count`` labelled events, run a retrain to its end and return the run id."""
+    post_labelled_events(daemon, count, offset=offset)
+    run_id = daemon.start_retrain({"reason": "test"}, actor="test")
+    daemon.job_thread.join(timeout=120)
+    return run_id
+
+
 def test_run_waits_for_approval_then_promotes(config):
     daemon = MonitorDaemon(config)
     daemon.start(background=False)
     assert daemon.ready, daemon.startup_error
     try:
-        post_labelled_events(daemon, 60)
-        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
-        daemon.job_thread.join(timeout=120)
+        run_id = retrained(daemon, 60, 0)
         run = daemon.store.get_run(run_id)
         assert run["state"] == "pending_approval", run["error"]
         assert run["canary"]["test"]["n"] > 0
@@ -75,13 +81,45 @@ def test_run_waits_for_approval_then_promotes(config):
         daemon.stop()
 
 
+def test_check_waits_for_running_promotion(config, caplog):
+    """A check right after an approval returns with the new version active, also while the approval poll promotes it."""
+    import threading
+    import time
+
+    daemon = MonitorDaemon(config)
+    daemon.start(background=False)
+    try:
+        run_id = retrained(daemon, 30, 6000)
+        assert daemon.store.get_run(run_id)["state"] == "pending_approval"
+        base = daemon.active_name
+        promoting = threading.Event()
+        install = daemon._install_profile
+
+        def slow_install(*args):
+            promoting.set()
+            time.sleep(1.0)
+            install(*args)
+
+        daemon._install_profile = slow_install
+        approve_run(daemon.store, run_id, actor="alice")
+        # The scheduler's approval poll runs every second, so it starts the promotion first.
+        assert promoting.wait(timeout=10)
+        daemon.tick()
+        run = daemon.store.get_run(run_id)
+        assert run["state"] == "active"
+        assert daemon.active_name == run["promoted_version"] != base
+        assert "promoting approved runs failed" not in caplog.text
+        # The next tests in this module expect the first version to be active.
+        daemon.rollback(base, actor="test")
+    finally:
+        daemon.stop()
+
+
 def test_reject_and_double_approve(config):
     daemon = MonitorDaemon(config)
     daemon.start(background=False)
     try:
-        post_labelled_events(daemon, 30, offset=1000)
-        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
-        daemon.job_thread.join(timeout=120)
+        run_id = retrained(daemon, 30, 1000)
         reject_run(daemon.store, run_id, actor="bob", comment="not now")
         assert daemon.store.get_run(run_id)["state"] == "rejected"
         with pytest.raises(Exception, match="only pending_approval"):
@@ -142,9 +180,7 @@ def test_http_approve_promotes(config, monkeypatch):
     daemon.start(background=False)
     try:
         client = TestClient(create_app(daemon))
-        post_labelled_events(daemon, 40, offset=2000)
-        run_id = daemon.start_retrain({"reason": "test"}, actor="test")
-        daemon.job_thread.join(timeout=120)
+        run_id = retrained(daemon, 40, 2000)
         assert client.get(f"/v1/retrains/{run_id}").json()["state"] == "pending_approval"
 
         anonymous = client.post(f"/v1/retrains/{run_id}/approve", json={"comment": "ship it"})
