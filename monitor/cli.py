@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     # Model-load reports and progress bars would bury the daemon's own log lines.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for noisy in ("httpx", "apscheduler", "sentence_transformers", "peft", "alembic.runtime.plugins"):
+    # Alembic logs its context on each start; monitor.migrations logs the upgrades themselves.
+    for noisy in ("httpx", "apscheduler", "sentence_transformers", "peft", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -165,3 +166,13 @@ def test_server_sources_name_the_run_and_the_waiting_candidates(registry, tmp_pa
     version = registry.register(tmp_path / "runs" / "r1", parent=None, run_id="r1", actor="test")
     registry.activate(version.name, actor="test")
     assert registry.active_for_server() == ("v1", str(version.adapter_dir), "r1")
+
+
+def test_cli_hides_alembic_context_lines(tmp_path, caplog):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    Store(f"sqlite:///{tmp_path / 'state' / 'driftloop.db'}").close()
+    with caplog.at_level(logging.INFO):
+        assert main(["history", "--config", str(config)]) == 0
+    alembic = [record.getMessage() for record in caplog.records if record.name.startswith("alembic")]
+    assert alembic == []
