@@ -283,7 +283,7 @@ class MonitorDaemon:
     def _activate_reference(self, name: str) -> None:
         """Load (or build) the reference profile of ``name`` and point the detectors at it."""
         from monitor.evaluation import WindowEvaluator, evaluator_options
-        from monitor.profiles import build_version_profile
+        from monitor.profiles import build_version_profile, stale_settings
         from monitor.reference import ReferenceProfile
 
         version = self.registry.get(name)
@@ -291,6 +291,12 @@ class MonitorDaemon:
         profile = ReferenceProfile.load(profile_dir) if (profile_dir / "profile.json").is_file() else None
         if profile is not None and not profile.has_calibration_pool:
             logger.info("reference profile of version %s has no calibration pool; rebuilding it", name)
+            profile = None
+        changed = stale_settings(profile, self.config) if profile is not None else []
+        if changed:
+            # Embeddings of another model, or token counts at another max_length, do not compare with the windows.
+            logger.warning("reference profile of version %s was built with other settings (%s); rebuilding it",
+                           name, "; ".join(changed))
             profile = None
         if profile is None:
             profile = build_version_profile(self.config, version.adapter_dir, name, profile_dir, embedder=self.embedder)

@@ -20,6 +20,29 @@ from retrain.registry import read_examples
 logger = logging.getLogger(__name__)
 
 
+def profile_settings(config: Config) -> dict:
+    """Return the config values that a reference profile is built with, keyed by their config keys."""
+    return {
+        "embedding.model": config.embedding.model,
+        "model.max_length": config.model.max_length,
+        "detectors.embedding.reference_sample": config.detectors.embedding.reference_sample,
+        "detectors.seed": config.detectors.seed,
+    }
+
+
+def stale_settings(profile: ReferenceProfile, config: Config) -> list[str]:
+    """List the settings that differ between the profile and the config, as ``key: built with A, config has B``.
+
+    A profile saved before its settings were recorded is checked on the two that every
+    profile contains: the embedding model in its metadata and its max_length.
+    """
+    built = profile.meta.get("settings") or {"embedding.model": profile.meta.get("embedding_model"),
+                                             "model.max_length": profile.max_length}
+    expected = profile_settings(config)
+    return [f"{key}: built with {built[key]!r}, config has {expected[key]!r}"
+            for key in expected if key in built and built[key] != expected[key]]
+
+
 def build_version_profile(config: Config, adapter_dir: Path, version: str, target: Path,
                           embedder: Embedder | None = None, classifier=None) -> ReferenceProfile:
     """Build the reference profile of one version and save it to ``target``."""
@@ -44,13 +67,14 @@ def build_version_profile(config: Config, adapter_dir: Path, version: str, targe
     predicted = [classifier.labels[index] for index in probabilities.argmax(axis=1)] if len(val_texts) else []
     correct = sum(label == gold for label, (_, gold) in zip(predicted, validation))
     validation_accuracy = correct / len(validation) if validation else None
+    settings = profile_settings(config)
     profile = build_reference(
         train_texts, val_texts, probabilities, classifier.labels, classifier.tokenizer, embedder,
-        max_length=config.model.max_length,
-        embedding_sample=max(config.detectors.embedding.reference_sample * 2, 1000),
-        seed=config.detectors.seed,
-        meta={"version": version, "model": config.model.base, "embedding_model": config.embedding.model,
-              "validation_accuracy": validation_accuracy},
+        max_length=settings["model.max_length"],
+        embedding_sample=max(settings["detectors.embedding.reference_sample"] * 2, 1000),
+        seed=settings["detectors.seed"],
+        meta={"version": version, "model": config.model.base, "embedding_model": settings["embedding.model"],
+              "validation_accuracy": validation_accuracy, "settings": settings},
         val_gold_labels=[str(gold) for _, gold in validation],
     )
     target.parent.mkdir(parents=True, exist_ok=True)

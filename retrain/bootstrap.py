@@ -2,7 +2,9 @@
 
 The trained adapter and its profile are cached under ``<state>/cache`` keyed by
 a fingerprint of the model, data and training settings, so a rerun with the
-same settings (the demo does this) skips training.
+same settings (the demo does this) skips training. A cached profile built with
+other profile settings (embedding model, detector sample or seed) is rebuilt
+from the cached adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from monitor.config import Config, resolve_model_path
 from monitor.errors import RegistryError
-from monitor.profiles import build_version_profile
+from monitor.profiles import build_version_profile, stale_settings
 from monitor.reference import ReferenceProfile
 from monitor.store import Store
 from retrain.datasets import Dataset, dataset_from_config
@@ -32,7 +34,6 @@ def fingerprint(config: Config, dataset: Dataset) -> str:
         "model": config.model.model_dump(),
         "data": config.data.model_dump(),
         "bootstrap": config.bootstrap.model_dump(),
-        "profile": config.detectors.embedding.model_dump(),
     }, sort_keys=True).encode())
     for text, label in dataset.train + dataset.validation:
         digest.update(f"{text}\t{label}\n".encode())
@@ -85,6 +86,10 @@ def bootstrap(config: Config, *, force: bool = False, progress=None, log=print) 
     cached = config.cache_path / f"bootstrap-{key}"
     if (cached / "adapter" / "adapter_config.json").is_file() and (cached / "profile").is_dir():
         log(f"bootstrap: using cached adapter {cached}")
+        changed = stale_settings(ReferenceProfile.load(cached / "profile"), config)
+        if changed:
+            log(f"bootstrap: rebuilding the cached reference profile, built with other settings ({'; '.join(changed)})")
+            build_version_profile(config, cached / "adapter", "bootstrap", cached / "profile")
     else:
         log(f"bootstrap: training the first adapter on {len(dataset.train)} examples, "
             f"{len({label for _, label in dataset.train})} labels ({len(dataset.labels)} in the head)")
