@@ -34,6 +34,8 @@ P_VALUE_SIGNALS = ("token_length", "vocabulary", "embedding", "novelty", "domain
 CALIBRATED_SIGNALS = ("token_length", "vocabulary", "embedding")
 # Signals that need sentence embeddings of the window.
 EMBEDDING_SIGNALS = ("embedding", "novelty", "domain_classifier")
+# Seeds are limited to 32 bits, a range that numpy's RandomState and torch.manual_seed both accept.
+MAX_SEED = 2**32 - 1
 
 
 def check_effect_floors(floors: dict[str, Any]) -> dict[str, float]:
@@ -99,7 +101,7 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="Column (CSV) or key (JSONL) holding the label.")
     extra_labels: list[str] = Field(default_factory=list, description="Labels the head has beyond those in the training file.")
     per_label_limit: int | None = Field(None, ge=1, description="Cap on training examples per label at bootstrap; null keeps all.")
-    seed: int = Field(0, description="Seed of the data splits and of the per-label sampling.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data splits and of the per-label sampling.")
 
 
 class TrainingConfig(_Section):
@@ -117,7 +119,7 @@ class TrainingConfig(_Section):
     early_stopping_patience: int = Field(2, ge=1, le=1000, description="Evaluations without a lower validation loss before training stops.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less GPU memory, about 30% more time.")
-    seed: int = Field(0, description="Seed of weight initialisation and batch order; the same seed gives the same metrics on the CPU.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of weight initialisation and batch order; the same seed gives the same metrics on the CPU.")
     num_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads while training; null = all cores but one inside the sidecar.")
 
     @field_validator("target_modules")
@@ -151,7 +153,7 @@ class MonitorConfig(_Section):
     host: str = Field("127.0.0.1", description="Listen address of the sidecar; 0.0.0.0 listens on every interface, as in a pod.")
     port: int = Field(8081, ge=1, le=65535, description="Listen port of the sidecar.")
     window_size: int = Field(500, ge=10, description="Events per window; a window closes when it has exactly this many.")
-    sample_size: int = Field(500, ge=10, description="Events kept per window (reservoir sample) for the tests.")
+    sample_size: int = Field(500, ge=10, description="Events kept per window (reservoir sample) for the tests; above window_size, the whole window is kept.")
     check_interval_s: float = Field(5.0, gt=0.0, description="Seconds between scheduler runs that evaluate closed windows.")
     max_batch: int = Field(1000, ge=1, description="Events accepted in one POST /v1/events.")
     max_text_chars: int = Field(10000, ge=1, description="Longest event text accepted, in characters; longer events are rejected.")
@@ -219,7 +221,7 @@ class DetectorsConfig(_Section):
     novelty: NoveltyConfig = NoveltyConfig()
     domain_classifier: DomainClassifierConfig = DomainClassifierConfig()
     label_distribution: LabelDistributionConfig = LabelDistributionConfig()
-    seed: int = Field(0, description="Seed of the window reservoirs, permutations and calibration draws.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the window reservoirs, permutations and calibration draws.")
 
     @field_validator("effect_floors")
     @classmethod
@@ -282,7 +284,7 @@ class CanaryConfig(_Section):
                     "classes with enough support, below this level. 1.0 leaves out the test.")
     max_regressed_classes: int = Field(0, ge=0, description="Regressed test classes allowed before the canary fails.")
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples behind each interval.")
-    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
     shadow_sample: int = Field(300, ge=0, description="Recent live inputs scored by both adapters in shadow.")
     latency_samples: int = Field(100, ge=0, description="Shadow or held-out texts timed one at a time on each adapter; reported, not gated; 0 skips the timing.")
 

@@ -33,11 +33,12 @@ def profile_settings(config: Config) -> dict:
 def stale_settings(profile: ReferenceProfile, config: Config) -> list[str]:
     """List the settings that differ between the profile and the config, as ``key: built with A, config has B``.
 
-    A profile saved before its settings were recorded is checked on the two that every
-    profile contains: the embedding model in its metadata and its max_length.
+    A profile saved before its settings were recorded is checked on the three that every
+    profile contains: the embedding model and seed in its metadata, and its max_length.
     """
     built = profile.meta.get("settings") or {"embedding.model": profile.meta.get("embedding_model"),
-                                             "model.max_length": profile.max_length}
+                                             "model.max_length": profile.max_length,
+                                             "detectors.seed": profile.meta.get("seed")}
     expected = profile_settings(config)
     return [f"{key}: built with {built[key]!r}, config has {expected[key]!r}"
             for key in expected if key in built and built[key] != expected[key]]

@@ -39,10 +39,12 @@ def test_stale_settings_lists_each_change():
 
 
 def test_stale_settings_of_profile_without_settings():
-    config = parse_config({"embedding": {"model": "/models/other"}})
-    legacy = SimpleNamespace(meta={"embedding_model": "all-MiniLM-L6-v2"}, max_length=config.model.max_length)
-    assert stale_settings(legacy, config) == [
-        "embedding.model: built with 'all-MiniLM-L6-v2', config has '/models/other'"]
+    config = parse_config({"embedding": {"model": "/models/other"}, "detectors": {"seed": 9}})
+    legacy = SimpleNamespace(meta={"embedding_model": "all-MiniLM-L6-v2", "seed": 5}, max_length=config.model.max_length)
+    changed = stale_settings(legacy, config)
+    assert "embedding.model: built with 'all-MiniLM-L6-v2', config has '/models/other'" in changed
+    assert "detectors.seed: built with 5, config has 9" in changed
+    assert len(changed) == 2
 
 
 def test_cached_and_active_profiles_follow_settings(tmp_path, tiny_model_dir, clinc_dir, caplog):

@@ -47,6 +47,10 @@ def test_defaults_without_file():
         ({"retrain": {"sweep": {"ranks": []}}}, "retrain.sweep.ranks", "at least one rank"),
         ({"retrain": {"sweep": {"ranks": [8, 8]}}}, "retrain.sweep.ranks", "more than once"),
         ({"retrain": {"training": {"precision": "fp8"}}}, "retrain.training.precision", "'fp8'"),
+        ({"detectors": {"seed": -1}}, "detectors.seed", "-1"),
+        ({"data": {"seed": 2**32}}, "data.seed", "4294967296"),
+        ({"bootstrap": {"seed": -5}}, "bootstrap.seed", "-5"),
+        ({"retrain": {"training": {"seed": -2}}}, "retrain.training.seed", "-2"),
         ({"retrain": {"training": {"target_modules": []}}}, "retrain.training.target_modules", "non-empty list"),
         ({"retrain": {"training": {"max_wall_time_s": 0}}}, "retrain.training.max_wall_time_s", "0"),
         ({"retrain": {"validation_fraction": 0.6}}, "retrain.validation_fraction", "0.6"),
@@ -60,6 +64,7 @@ def test_defaults_without_file():
          "url-without-scheme", "min-samples-above-window", "same-ports", "too-few-permutations",
          "too-few-null-windows", "calibration-too-few-windows", "novelty-quantile-one", "floor-for-confidence", "repeated-signal", "budget-above-windows",
          "folds-above-min-samples", "sweep-rank-zero", "sweep-no-ranks", "sweep-repeated-rank", "unknown-precision",
+         "negative-detector-seed", "data-seed-too-large", "negative-bootstrap-seed", "negative-training-seed",
          "no-target-modules", "zero-wall-time", "validation-too-large", "negative-preload",
          "too-many-kept-versions", "evaluation-share-above-one", "retention-below-an-hour", "negative-retention"],
 )
