@@ -52,6 +52,17 @@ async def _json_body(request: Request):
     return parse_json(await request.body())
 
 
+def batch_response(counts: dict, result) -> JSONResponse:
+    """Build the reply to an event or label batch: ``counts``, the rejected items and any ignored fields.
+
+    The status is 422 when an item was rejected, even though the valid items were stored.
+    """
+    payload = {**counts, "rejected": [error.to_dict() for error in result.errors]}
+    if result.ignored_fields:
+        payload["ignored_fields"] = result.ignored_fields
+    return JSONResponse(payload, status_code=422 if result.errors else 200)
+
+
 def create_app(daemon: MonitorDaemon) -> FastAPI:
     app = FastAPI(title="driftloop monitor", version="0.1.0")
     token = load_token(daemon.config.auth)
@@ -139,12 +150,8 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
         body = await _json_body(request)
         # Store writes and promotions block, so they run off the event loop.
         result = await run_in_threadpool(daemon.ingest_events, body)
-        payload = {
-            "accepted": len(result.valid) - len(result.duplicates),
-            "duplicates": len(result.duplicates),
-            "rejected": [error.to_dict() for error in result.errors],
-        }
-        return JSONResponse(payload, status_code=422 if result.errors else 200)
+        return batch_response({"accepted": len(result.valid) - len(result.duplicates),
+                               "duplicates": len(result.duplicates)}, result)
 
     @app.post("/v1/labels")
     async def post_labels(request: Request):
@@ -153,12 +160,7 @@ def create_app(daemon: MonitorDaemon) -> FastAPI:
             return refused
         body = await _json_body(request)
         result = await run_in_threadpool(daemon.ingest_labels, body)
-        payload = {
-            "accepted": result.accepted,
-            "pending": result.pending,
-            "rejected": [error.to_dict() for error in result.errors],
-        }
-        return JSONResponse(payload, status_code=422 if result.errors else 200)
+        return batch_response({"accepted": result.accepted, "pending": result.pending}, result)
 
     @app.get("/v1/status")
     def status():

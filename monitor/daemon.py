@@ -31,7 +31,8 @@ from monitor.auth import bearer_header, load_token
 from monitor.config import Config, resolve_model_path
 from monitor.detectors.base import to_json_value
 from monitor.errors import DriftloopError, RegistryError
-from monitor.ingest import BatchResult, ItemError, LabelResult, validate_events, validate_labels
+from monitor.ingest import (EVENT_FIELDS, LABEL_FIELDS, BatchResult, ItemError, LabelResult, validate_events,
+                            validate_labels)
 from monitor.metrics import CANARY_STATUSES, RUN_STATES, MonitorMetrics
 from monitor import promotion_watch
 from monitor.policy import TriggerPolicy
@@ -94,6 +95,8 @@ def lock_state_dir(state_path: Path) -> TextIO:
 EVALUATION_BUDGET_SPAN_S = 60.0
 # Seconds between polls for runs approved outside this process (the CLI, a follower replica).
 APPROVAL_POLL_S = 1.0
+# Distinct unread field names logged per process; later ones are still reported in responses.
+MAX_LOGGED_IGNORED_FIELDS = 100
 # Signals that quote the window texts most unlike the reference, in the order they are quoted.
 TYPICAL_EXAMPLE_SIGNALS = ("novelty", "domain_classifier")
 
@@ -209,6 +212,8 @@ class MonitorDaemon:
         # Windows skipped or dropped since their last log line: under heavy traffic these happen
         # several times a second, so they are logged as a count once a minute.
         self.unevaluated = {name: CountedWarning() for name in ("skipped", "skipped_time", "dropped", "stale")}
+        # Unread field names already logged, so each is logged once.
+        self.logged_ignored_fields: set[tuple[str, str]] = set()
 
     # Lifecycle
 
@@ -371,6 +376,7 @@ class MonitorDaemon:
             labels = list(self.labels)
         result = validate_events(body, labels, max_items=self.config.monitor.max_batch,
                                  max_text_chars=self.config.monitor.max_text_chars)
+        self._log_ignored_fields("events", result.ignored_fields, EVENT_FIELDS)
         if result.errors:
             self.metrics.events_rejected.inc(len(result.errors))
         if not result.valid:
@@ -475,6 +481,15 @@ class MonitorDaemon:
                     raise
                 self._count_store_error("flush_buffer", exc)
 
+    def _log_ignored_fields(self, kind: str, names: dict[str, int], known: frozenset[str]) -> None:
+        """Log each field name that clients send but driftloop does not read, once per process."""
+        fresh = [name for name in names if (kind, name) not in self.logged_ignored_fields]
+        if not fresh or len(self.logged_ignored_fields) >= MAX_LOGGED_IGNORED_FIELDS:
+            return
+        self.logged_ignored_fields.update((kind, name) for name in fresh)
+        logger.warning("%s carry fields that driftloop does not read, so they are ignored: %s. The fields it reads "
+                       "are %s", kind, ", ".join(sorted(fresh)), ", ".join(sorted(known)))
+
     def ingest_labels(self, body: Any) -> LabelResult:
         """Store delayed labels; a database that cannot be reached is an error to the caller, never a silent loss."""
         try:
@@ -492,6 +507,7 @@ class MonitorDaemon:
         with self.lock:
             labels = list(self.labels)
         result = validate_labels(body, labels, max_items=self.config.monitor.max_batch)
+        self._log_ignored_fields("labels", result.ignored_fields, LABEL_FIELDS)
         if result.valid:
             limit = self.config.monitor.max_pending_labels
             with self.lock:

@@ -20,6 +20,13 @@ MAX_ID_CHARS = 128
 PROBABILITY_SUM_TOLERANCE = 1e-3
 # Event clocks may run ahead of the monitor's by this much; later timestamps are rejected.
 MAX_CLOCK_SKEW_S = 24 * 3600
+# Fields an event or a label item may carry. Others are ignored and reported back, so a
+# misspelt optional field (``latency`` for ``latency_ms``) shows up without losing the item.
+EVENT_FIELDS = frozenset({"id", "text", "timestamp", "latency_ms", "version", "label", "confidence", "probabilities"})
+LABEL_FIELDS = frozenset({"id", "label"})
+# Distinct ignored field names reported per request, and characters kept of each name.
+MAX_IGNORED_FIELD_NAMES = 20
+MAX_FIELD_NAME_CHARS = 64
 
 
 @dataclass
@@ -32,13 +39,26 @@ class ItemError:
 
     def to_dict(self) -> dict[str, Any]:
         value = self.value
-        if isinstance(value, str) and len(value) > 80:
-            value = value[:77] + "..."
+        if isinstance(value, str):
+            value = _shorten(value)
         elif isinstance(value, list) and len(value) > 8:
             value = f"list of {len(value)} items"
         elif isinstance(value, float) and not math.isfinite(value):
             value = str(value)
-        return {"index": self.index, "id": self.id, "field": self.field, "value": value, "error": self.error}
+        item_id = _shorten(self.id) if self.id is not None else None
+        return {"index": self.index, "id": item_id, "field": self.field, "value": value, "error": self.error}
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _count_ignored_fields(item: dict, known: frozenset[str], counts: dict[str, int]) -> None:
+    """Count the item's fields outside ``known``, for at most MAX_IGNORED_FIELD_NAMES distinct names."""
+    for name in item.keys() - known:
+        name = _shorten(str(name), MAX_FIELD_NAME_CHARS)
+        if name in counts or len(counts) < MAX_IGNORED_FIELD_NAMES:
+            counts[name] = counts.get(name, 0) + 1
 
 
 @dataclass
@@ -47,6 +67,8 @@ class BatchResult:
     errors: list[ItemError] = field(default_factory=list)
     # Ids of valid events that were already stored; set by the daemon.
     duplicates: list[str] = field(default_factory=list)
+    # Fields that driftloop does not read, with the number of items that carry each.
+    ignored_fields: dict[str, int] = field(default_factory=dict)
 
 
 class BatchError(ValueError):
@@ -255,6 +277,8 @@ def validate_events(body: Any, labels: list[str], *, max_items: int, max_text_ch
     result = BatchResult()
     seen: set[str] = set()
     for index, item in enumerate(items):
+        if isinstance(item, dict):
+            _count_ignored_fields(item, EVENT_FIELDS, result.ignored_fields)
         try:
             row = _check_event(item, labels, label_index, max_text_chars, tops.get(index))
         except _Invalid as exc:
@@ -280,6 +304,8 @@ class LabelResult:
     # Set by the daemon: labels attached to stored events, and labels waiting for their events.
     accepted: int = 0
     pending: int = 0
+    # Fields that driftloop does not read, with the number of items that carry each.
+    ignored_fields: dict[str, int] = field(default_factory=dict)
 
 
 def validate_labels(body: Any, labels: list[str], *, max_items: int) -> LabelResult:
@@ -294,6 +320,7 @@ def validate_labels(body: Any, labels: list[str], *, max_items: int) -> LabelRes
         if not isinstance(item, dict):
             result.errors.append(ItemError(index, f"labels[{index}]", type(item).__name__, "expected a JSON object"))
             continue
+        _count_ignored_fields(item, LABEL_FIELDS, result.ignored_fields)
         event_id, label = item.get("id"), item.get("label")
         if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > MAX_ID_CHARS or "\x00" in event_id:
             result.errors.append(ItemError(index, f"labels[{index}].id", event_id,

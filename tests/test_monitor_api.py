@@ -167,6 +167,50 @@ def test_oversized_batch(client, daemon):
     assert "51 items, at most 50" in response.json()["error"]
 
 
+def test_unread_event_fields_reported(client, daemon, caplog):
+    """A misspelt optional field is reported and logged, and the event is still stored."""
+    events = [make_event(daemon, 1100 + i, latency_ms=None, latency=9.0) for i in range(3)]
+    events[0]["request_id"] = "r-1"
+    response = client.post("/v1/events", json={"events": events})
+    assert response.status_code == 200
+    payload = response.json()
+    assert payload["accepted"] == 3
+    assert payload["ignored_fields"] == {"latency": 3, "request_id": 1}
+    assert "events carry fields that driftloop does not read, so they are ignored: latency, request_id" in caplog.text
+
+    caplog.clear()
+    client.post("/v1/events", json={"events": [make_event(daemon, 1110, latency=9.0)]})
+    assert "does not read" not in caplog.text
+
+
+def test_unread_label_fields_reported(client, daemon):
+    event = make_event(daemon, 1200)
+    client.post("/v1/events", json={"events": [event]})
+    response = client.post("/v1/labels", json={"labels": [{"id": event["id"], "lable": daemon.labels[1]}]})
+    assert response.status_code == 422
+    payload = response.json()
+    assert payload["ignored_fields"] == {"lable": 1}
+    assert payload["rejected"][0]["field"] == "labels[0].label"
+
+
+def test_ignored_field_names_are_bounded():
+    from monitor.ingest import MAX_FIELD_NAME_CHARS, MAX_IGNORED_FIELD_NAMES, validate_labels
+
+    item = {"id": "e-1", "label": "a", **{f"extra_{i}": i for i in range(MAX_IGNORED_FIELD_NAMES + 5)}, "x" * 500: 1}
+    result = validate_labels({"labels": [item]}, ["a"], max_items=10)
+    assert len(result.ignored_fields) == MAX_IGNORED_FIELD_NAMES
+    assert all(len(name) <= MAX_FIELD_NAME_CHARS for name in result.ignored_fields)
+    assert result.valid == {"e-1": "a"}
+
+
+def test_long_rejected_id_is_shortened(client, daemon):
+    event = make_event(daemon, 1300, id="x" * 129)
+    rejected = client.post("/v1/events", json={"events": [event]}).json()["rejected"][0]
+    assert rejected["field"] == "events[0].id"
+    assert rejected["value"] == "x" * 77 + "..."
+    assert rejected["id"] == "x" * 77 + "..."
+
+
 def test_labels_join_by_event_id(client, daemon):
     event = make_event(daemon, 2000)
     client.post("/v1/events", json={"events": [event]})
