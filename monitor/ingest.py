@@ -38,15 +38,22 @@ class ItemError:
     id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        value = self.value
-        if isinstance(value, str):
-            value = _shorten(value)
-        elif isinstance(value, list) and len(value) > 8:
-            value = f"list of {len(value)} items"
-        elif isinstance(value, float) and not math.isfinite(value):
-            value = str(value)
         item_id = _shorten(self.id) if self.id is not None else None
-        return {"index": self.index, "id": item_id, "field": self.field, "value": value, "error": self.error}
+        return {"index": self.index, "id": item_id, "field": self.field, "value": preview_value(self.value),
+                "error": self.error}
+
+
+def preview_value(value: Any) -> Any:
+    """Return a rejected value as an error body quotes it: long strings cut, long lists and objects counted, NaN as text."""
+    if isinstance(value, str):
+        return _shorten(value)
+    if isinstance(value, list) and len(value) > 8:
+        return f"list of {len(value)} items"
+    if isinstance(value, dict) and len(value) > 8:
+        return f"object of {len(value)} fields"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _shorten(text: str, limit: int = 80) -> str:

@@ -41,6 +41,7 @@ from prometheus_client import (
 from pydantic import BaseModel, Field
 
 from monitor.auth import bearer_matches
+from monitor.ingest import preview_value
 from retrain.emitter import EventEmitter
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ FAILED_LOAD_RETRY_S = 30.0
 # Maximum length in characters of a rejected value as quoted in a 422 message.
 VALUE_PREVIEW_CHARS = 60
 
-# Maximum number of messages in one 422 response.
+# Maximum number of field errors listed in one 4xx response.
 MAX_ERROR_MESSAGES = 20
+NO_MODEL_MESSAGE = "no model loaded yet; the server is waiting for an active version"
 
 # Label values of driftloop_server_requests_total.
 OUTCOME_OK = "ok"
@@ -90,12 +92,39 @@ class PredictionFailedError(RuntimeError):
         self.version = version
 
 
-class InvalidRequestError(ValueError):
-    """A request body failed validation. ``messages`` name each field and value."""
+@dataclass(frozen=True)
+class FieldError:
+    """One problem in a request body: the field's path, its value and what is wrong with it."""
 
-    def __init__(self, messages: list[str]) -> None:
-        super().__init__("; ".join(messages))
-        self.messages = messages
+    field: str
+    value: Any
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.error}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "value": preview_value(self.value), "error": self.error}
+
+
+class InvalidRequestError(ValueError):
+    """A request body failed validation; ``errors`` has one FieldError per problem."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
+
+
+def error_body(errors: list[FieldError]) -> dict[str, Any]:
+    """Build a 4xx body in the monitor's shape: one ``error`` message and the ``errors`` by field.
+
+    At most MAX_ERROR_MESSAGES are listed, and the message counts the rest.
+    """
+    listed = errors[:MAX_ERROR_MESSAGES]
+    message = "; ".join(map(str, listed))
+    if len(errors) > len(listed):
+        message += f"; ... and {len(errors) - len(listed)} more errors"
+    return {"error": message, "errors": [error.to_dict() for error in listed]}
 
 
 def _preview(value: Any) -> str:
@@ -126,56 +155,51 @@ def parse_classify_request(
 ) -> tuple[list[str], bool]:
     """Validate a decoded /v1/classify body and return ``(texts, return_probabilities)``.
 
-    Raises InvalidRequestError with one message per problem, such as ``texts[3]: empty
+    Raises InvalidRequestError with one FieldError per problem, such as ``texts[3]: empty
     string ''`` or ``texts: 300 items, at most 256 allowed``. Texts are returned unchanged.
     Stripping only decides whether a text counts as empty.
     """
     if not isinstance(body, dict):
         raise InvalidRequestError(
-            [f"body: expected a JSON object, got {_json_type_name(body)} {_preview(body)}"]
+            [FieldError("body", body, f"expected a JSON object, got {_json_type_name(body)} {_preview(body)}")]
         )
 
-    messages: list[str] = []
+    errors: list[FieldError] = []
     return_probabilities = body.get("return_probabilities", False)
     if not isinstance(return_probabilities, bool):
-        messages.append(
-            "return_probabilities: expected true or false, got "
-            f"{_json_type_name(return_probabilities)} {_preview(return_probabilities)}"
-        )
+        errors.append(FieldError(
+            "return_probabilities", return_probabilities,
+            f"expected true or false, got {_json_type_name(return_probabilities)} {_preview(return_probabilities)}",
+        ))
 
     if "texts" not in body:
-        messages.append("texts: missing required field, expected a list of strings")
-        raise InvalidRequestError(messages)
+        errors.append(FieldError("texts", None, "missing required field, expected a list of strings"))
+        raise InvalidRequestError(errors)
     texts = body["texts"]
     if not isinstance(texts, list):
-        messages.append(
-            f"texts: expected a list of strings, got {_json_type_name(texts)} {_preview(texts)}"
-        )
-        raise InvalidRequestError(messages)
+        errors.append(FieldError(
+            "texts", texts, f"expected a list of strings, got {_json_type_name(texts)} {_preview(texts)}"
+        ))
+        raise InvalidRequestError(errors)
     if not texts:
-        messages.append("texts: empty list, at least 1 item required")
-        raise InvalidRequestError(messages)
+        errors.append(FieldError("texts", texts, "empty list, at least 1 item required"))
+        raise InvalidRequestError(errors)
     if len(texts) > max_batch:
-        messages.append(f"texts: {len(texts)} items, at most {max_batch} allowed")
-        raise InvalidRequestError(messages)
+        errors.append(FieldError("texts", f"{len(texts)} items", f"{len(texts)} items, at most {max_batch} allowed"))
+        raise InvalidRequestError(errors)
 
     for index, text in enumerate(texts):
+        field = f"texts[{index}]"
         if not isinstance(text, str):
-            messages.append(
-                f"texts[{index}]: expected a string, got {_json_type_name(text)} {_preview(text)}"
-            )
+            errors.append(FieldError(field, text, f"expected a string, got {_json_type_name(text)} {_preview(text)}"))
         elif not text.strip():
-            messages.append(f"texts[{index}]: empty string {_preview(text)}")
+            errors.append(FieldError(field, text, f"empty string {_preview(text)}"))
         elif len(text) > max_text_chars:
-            messages.append(
-                f"texts[{index}]: {len(text)} characters, at most {max_text_chars} allowed "
-                f"({_preview(text)})"
-            )
-    if messages:
-        if len(messages) > MAX_ERROR_MESSAGES:
-            hidden = len(messages) - MAX_ERROR_MESSAGES
-            messages = messages[:MAX_ERROR_MESSAGES] + [f"... and {hidden} more errors"]
-        raise InvalidRequestError(messages)
+            errors.append(FieldError(
+                field, text, f"{len(text)} characters, at most {max_text_chars} allowed ({_preview(text)})"
+            ))
+    if errors:
+        raise InvalidRequestError(errors)
     return texts, return_probabilities
 
 
@@ -697,9 +721,9 @@ def create_app(
             # emit() is not expected to raise. A bug there must not fail the request.
             logger.exception("emitting event %s failed", event["id"])
 
-    def reject(status_code: int, outcome: str, detail: Any, **headers: str) -> JSONResponse:
+    def reject(status_code: int, outcome: str, body: dict[str, Any], **headers: str) -> JSONResponse:
         metrics.requests.labels(outcome=outcome).inc()
-        return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+        return JSONResponse(body, status_code=status_code, headers=headers)
 
     @app.post(
         "/v1/classify",
@@ -715,25 +739,24 @@ def create_app(
         content_length = request.headers.get("content-length")
         if content_length is not None and content_length.isdigit():
             if int(content_length) > max_body_bytes:
-                return reject(
-                    413,
-                    OUTCOME_INVALID,
-                    [f"body: {content_length} bytes, at most {max_body_bytes} allowed"],
-                )
+                return reject(413, OUTCOME_INVALID, error_body([FieldError(
+                    "body", f"{content_length} bytes", f"{content_length} bytes, at most {max_body_bytes} allowed"
+                )]))
 
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return reject(400, OUTCOME_INVALID, [f"body: invalid JSON: {exc}"])
+            raw = (await request.body())[:80].decode("utf-8", "replace")
+            return reject(400, OUTCOME_INVALID, error_body([FieldError("body", raw, f"invalid JSON: {exc}")]))
         try:
             texts, return_probabilities = parse_classify_request(
                 body, max_batch=max_batch, max_text_chars=max_text_chars
             )
         except InvalidRequestError as exc:
-            return reject(422, OUTCOME_INVALID, exc.messages)
+            return reject(422, OUTCOME_INVALID, error_body(exc.errors))
 
         if holder.model is None:
-            return reject(503, OUTCOME_UNAVAILABLE, "no model loaded yet", **{"Retry-After": "1"})
+            return reject(503, OUTCOME_UNAVAILABLE, {"error": NO_MODEL_MESSAGE}, **{"Retry-After": "1"})
 
         try:
             # Requests wait here in arrival order. Without the bound, every worker thread of the
@@ -751,7 +774,7 @@ def create_app(
             return reject(
                 500,
                 OUTCOME_ERROR,
-                f"prediction failed on version {exc.version}: {type(exc.__cause__).__name__}",
+                {"error": f"prediction failed on version {exc.version}: {type(exc.__cause__).__name__}"},
             )
 
         metrics.requests.labels(outcome=OUTCOME_OK).inc()
@@ -763,7 +786,7 @@ def create_app(
         # Without a configured token the endpoint is open: it only makes the server re-read the
         # version source, which its poll does anyway.
         if reload_token is not None and not bearer_matches(request.headers.get("authorization", ""), reload_token):
-            return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401,
+            return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         # Its own thread: under load every worker thread of the shared pool may be busy with a
         # classify request, and a swap must not wait behind them.
@@ -771,7 +794,7 @@ def create_app(
         outcome = await loop.run_in_executor(reload_executor, functools.partial(holder.refresh, force=True))
         if outcome.error is not None:
             return JSONResponse(
-                {"version": outcome.version, "detail": outcome.error}, status_code=500
+                {"version": outcome.version, "error": outcome.error}, status_code=500
             )
         return JSONResponse({"version": outcome.version})
 
@@ -784,7 +807,7 @@ def create_app(
         model = holder.model
         if model is None:
             return JSONResponse(
-                {"status": "not ready", "detail": "no model loaded yet"}, status_code=503
+                {"status": "not ready", "error": NO_MODEL_MESSAGE}, status_code=503
             )
         return JSONResponse({"status": "ready", "version": model.version})
 
@@ -792,7 +815,7 @@ def create_app(
     async def version() -> Response:
         model = holder.model
         if model is None:
-            return JSONResponse({"detail": "no model loaded yet"}, status_code=503)
+            return JSONResponse({"error": NO_MODEL_MESSAGE}, status_code=503)
         return JSONResponse({"version": model.version, "labels_count": len(model.labels)})
 
     @app.get("/metrics")

@@ -182,10 +182,31 @@ def test_classify_rejects_invalid_body(client, body, expected_messages):
     response = client.post("/v1/classify", json=body)
 
     assert response.status_code == 422
-    messages = response.json()["detail"]
+    errors = response.json()["errors"]
+    messages = [f"{error['field']}: {error['error']}" for error in errors]
     assert len(messages) == len(expected_messages), messages
     for message, expected in zip(messages, expected_messages):
         assert message.startswith(expected), messages
+    assert response.json()["error"] == "; ".join(messages)
+
+
+def test_classify_error_lists_fields_and_values(client):
+    response = client.post("/v1/classify", json={"texts": ["ok", 5, "", "y" * 3000]})
+
+    assert response.status_code == 422
+    errors = response.json()["errors"]
+    assert [error["field"] for error in errors] == ["texts[1]", "texts[2]", "texts[3]"]
+    assert errors[0]["value"] == 5
+    assert errors[1]["value"] == ""
+    assert errors[2]["value"] == "y" * 77 + "..."
+
+
+def test_classify_error_count_is_bounded(client):
+    response = client.post("/v1/classify", json={"texts": [""] * 30})
+
+    body = response.json()
+    assert len(body["errors"]) == 20
+    assert body["error"].endswith("; ... and 10 more errors")
 
 
 def test_classify_rejects_invalid_json(client):
@@ -194,7 +215,9 @@ def test_classify_rejects_invalid_json(client):
     )
 
     assert response.status_code == 400
-    assert response.json()["detail"][0].startswith("body: invalid JSON")
+    assert response.json()["error"].startswith("body: invalid JSON")
+    assert response.json()["errors"][0]["value"] == '{"texts": ['
+
 
 
 def test_metrics_count_invalid_and_ok_requests(client):
@@ -219,7 +242,7 @@ def test_not_ready_without_version(tiny_model_dir, adapters):
 
         response = client.post("/v1/classify", json={"texts": ["hello"]})
         assert response.status_code == 503
-        assert response.json()["detail"] == "no model loaded yet"
+        assert response.json()["error"].startswith("no model loaded yet")
 
         source.activate("v1")
         assert client.post("/v1/admin/reload").json() == {"version": "v1"}
@@ -267,7 +290,7 @@ def test_load_failure_keeps_old_version(client, source, tmp_path):
 
     assert response.status_code == 500
     assert response.json()["version"] == "v1"
-    assert "v3" in response.json()["detail"]
+    assert "v3" in response.json()["error"]
     assert client.post("/v1/classify", json={"texts": ["hello"]}).json()["version"] == "v1"
     assert "driftloop_server_load_failures_total 1.0" in client.get("/metrics").text
 
@@ -631,7 +654,7 @@ def test_prediction_error_names_version(client, caplog):
         response = client.post("/v1/classify", json={"texts": ["hello"]})
 
     assert response.status_code == 500
-    assert response.json() == {"detail": "prediction failed on version v1: RuntimeError"}
+    assert response.json() == {"error": "prediction failed on version v1: RuntimeError"}
     assert "classify failed on version v1 for 1 texts" in caplog.text
     assert "device-side assert triggered" in caplog.text
     assert 'driftloop_server_requests_total{outcome="error"} 1.0' in client.get("/metrics").text
@@ -675,3 +698,13 @@ def test_forward_passes_are_bounded(tiny_model_dir, source):
 def test_zero_concurrent_predictions_rejected(tiny_model_dir, source):
     with pytest.raises(ValueError, match="max_concurrent_predictions must be at least 1, got 0"):
         _make_app(tiny_model_dir, source, max_concurrent_predictions=0)
+
+
+def test_oversized_body_rejected_with_size(tiny_model_dir, source):
+    with TestClient(_make_app(tiny_model_dir, source, max_batch=1, max_text_chars=10)) as client:
+        response = client.post("/v1/classify", json={"texts": ["x" * 5000]})
+
+    assert response.status_code == 413
+    [error] = response.json()["errors"]
+    assert error["field"] == "body"
+    assert error["error"].endswith("at most 4232 allowed")
