@@ -62,8 +62,8 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 def _count_ignored_fields(item: dict, known: frozenset[str], counts: dict[str, int]) -> None:
     """Count the item's fields outside ``known``, for at most MAX_IGNORED_FIELD_NAMES distinct names."""
-    for name in item.keys() - known:
-        name = _shorten(str(name), MAX_FIELD_NAME_CHARS)
+    for name in sorted(map(str, item.keys() - known)):
+        name = _shorten(name, MAX_FIELD_NAME_CHARS)
         if name in counts or len(counts) < MAX_IGNORED_FIELD_NAMES:
             counts[name] = counts.get(name, 0) + 1
 

@@ -176,6 +176,7 @@ def test_unread_event_fields_reported(client, daemon, caplog):
     payload = response.json()
     assert payload["accepted"] == 3
     assert payload["ignored_fields"] == {"latency": 3, "request_id": 1}
+    assert list(payload["ignored_fields"]) == ["latency", "request_id"]
     assert "events carry fields that driftloop does not read, so they are ignored: latency, request_id" in caplog.text
 
     caplog.clear()
