@@ -297,8 +297,7 @@ class MonitorDaemon:
         if profile is not None and not profile.has_calibration_pool:
             logger.info("reference profile of version %s has no calibration pool; rebuilding it", name)
             profile = None
-        changed = stale_settings(profile, self.config) if profile is not None else []
-        if changed:
+        elif profile is not None and (changed := stale_settings(profile, self.config)):
             # Embeddings of another model, or token counts at another max_length, do not compare with the windows.
             logger.warning("reference profile of version %s was built with other settings (%s); rebuilding it",
                            name, "; ".join(changed))

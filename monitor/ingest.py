@@ -44,7 +44,11 @@ class ItemError:
 
 
 def preview_value(value: Any) -> Any:
-    """Return a rejected value as an error body quotes it: long strings cut, long lists and objects counted, NaN as text."""
+    """Return a rejected value as error bodies quote it.
+
+    Long strings are cut, long lists and objects are replaced by their size, and NaN and
+    infinities become text, because JSON has no literal for them.
+    """
     if isinstance(value, str):
         return _shorten(value)
     if isinstance(value, list) and len(value) > 8:

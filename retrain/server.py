@@ -739,15 +739,16 @@ def create_app(
         content_length = request.headers.get("content-length")
         if content_length is not None and content_length.isdigit():
             if int(content_length) > max_body_bytes:
-                return reject(413, OUTCOME_INVALID, error_body([FieldError(
-                    "body", f"{content_length} bytes", f"{content_length} bytes, at most {max_body_bytes} allowed"
-                )]))
+                too_large = FieldError("body", f"{content_length} bytes",
+                                       f"{content_length} bytes, at most {max_body_bytes} allowed")
+                return reject(413, OUTCOME_INVALID, error_body([too_large]))
 
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raw = (await request.body())[:80].decode("utf-8", "replace")
-            return reject(400, OUTCOME_INVALID, error_body([FieldError("body", raw, f"invalid JSON: {exc}")]))
+            invalid = FieldError("body", raw, f"invalid JSON: {exc}")
+            return reject(400, OUTCOME_INVALID, error_body([invalid]))
         try:
             texts, return_probabilities = parse_classify_request(
                 body, max_batch=max_batch, max_text_chars=max_text_chars

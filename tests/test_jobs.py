@@ -1,5 +1,8 @@
 """Retrain data assembly and one whole run on the tiny model: train, canary, approve, promote."""
 
+import threading
+import time
+
 import pytest
 from prometheus_client import generate_latest
 
@@ -83,9 +86,6 @@ def test_run_waits_for_approval_then_promotes(config):
 
 def test_check_waits_for_running_promotion(config, caplog):
     """A check right after an approval returns with the new version active, also while the approval poll promotes it."""
-    import threading
-    import time
-
     daemon = MonitorDaemon(config)
     daemon.start(background=False)
     try:
@@ -102,12 +102,13 @@ def test_check_waits_for_running_promotion(config, caplog):
 
         daemon._install_profile = slow_install
         approve_run(daemon.store, run_id, actor="alice")
-        # The scheduler's approval poll runs every second, so it starts the promotion first.
+        # The scheduler's approval poll starts the promotion within a second, before the check below.
         assert promoting.wait(timeout=10)
         daemon.tick()
         run = daemon.store.get_run(run_id)
         assert run["state"] == "active"
-        assert daemon.active_name == run["promoted_version"] != base
+        assert daemon.active_name == run["promoted_version"]
+        assert run["promoted_version"] != base
         assert "promoting approved runs failed" not in caplog.text
         # The next tests in this module expect the first version to be active.
         daemon.rollback(base, actor="test")
